@@ -1,0 +1,107 @@
+// Package cache keeps what ocimirror has fetched: manifests and blobs by
+// digest, tags per upstream and repository. Badger holds it on disk; an LRU
+// in memory holds hot manifests and metadata.
+//
+// Only verified content is ever visible: a blob is written under a private
+// fill ID and appears under its digest only when the writer commits, after
+// the caller has checked size and digest.
+package cache
+
+import (
+	"context"
+	"io"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// Store is everything the proxy keeps.
+type Store interface {
+	BlobStore
+	ManifestStore
+	TagStore
+	Close() error
+}
+
+// BlobInfo describes a committed blob.
+type BlobInfo struct {
+	Digest digest.Digest
+	Size   int64
+}
+
+// BlobStore holds blobs by digest.
+type BlobStore interface {
+	// StatBlob returns ErrNotFound for a blob that is not committed.
+	StatBlob(ctx context.Context, d digest.Digest) (BlobInfo, error)
+	// OpenBlob opens a committed blob for reading.
+	OpenBlob(ctx context.Context, d digest.Digest) (BlobReader, error)
+	// CreateBlob starts a new blob; nothing is visible until Commit.
+	CreateBlob(ctx context.Context) (BlobWriter, error)
+}
+
+// BlobReader reads a committed blob, or the flushed part of a blob being
+// written. Reads may run concurrently.
+type BlobReader interface {
+	io.ReaderAt
+	// Size is the blob's length.
+	Size() int64
+}
+
+// BlobWriter writes one blob. Write is called by one goroutine; ReadAt may
+// be called by others concurrently for offsets below Flushed.
+type BlobWriter interface {
+	io.Writer
+	io.ReaderAt
+	// Flushed is how many bytes ReadAt can return.
+	Flushed() int64
+	// Commit flushes the rest and makes the blob visible under d. The caller
+	// has verified that the bytes written have digest d and length size.
+	Commit(ctx context.Context, d digest.Digest, size int64) error
+	// Cancel discards everything written. It is a no-op after Commit.
+	Cancel(ctx context.Context) error
+}
+
+// Toucher records that a blob was served; stores that keep last access
+// times implement it.
+type Toucher interface {
+	Touch(d digest.Digest)
+}
+
+// Manifest is a manifest's exact bytes with its media type.
+type Manifest struct {
+	Digest    digest.Digest
+	MediaType string
+	Data      []byte
+}
+
+// ManifestStore holds manifests by digest.
+type ManifestStore interface {
+	// GetManifest returns ErrNotFound for an unknown digest. The returned
+	// Data is shared and must not be modified.
+	GetManifest(ctx context.Context, d digest.Digest) (Manifest, error)
+	PutManifest(ctx context.Context, m Manifest) error
+}
+
+// TagKey names a tag of a repository of an upstream.
+type TagKey struct {
+	Upstream string
+	Repo     string
+	Tag      string
+}
+
+// TagEntry is what a tag pointed at when it was last checked upstream.
+type TagEntry struct {
+	Digest    digest.Digest
+	MediaType string
+	Size      int64
+	// CheckedAt is when the upstream last confirmed the digest.
+	CheckedAt time.Time
+}
+
+// TagStore holds tag -> digest per upstream and repository.
+type TagStore interface {
+	// GetTag returns ErrNotFound for an unknown tag.
+	GetTag(ctx context.Context, k TagKey) (TagEntry, error)
+	PutTag(ctx context.Context, k TagKey, e TagEntry) error
+	DeleteTag(ctx context.Context, k TagKey) error
+}

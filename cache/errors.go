@@ -1,0 +1,12 @@
+package cache
+
+import "errors"
+
+var (
+	// ErrNotFound is returned for content the store does not hold.
+	ErrNotFound = errors.New("cache: not found")
+	// ErrCorrupt is returned when stored bytes cannot be decoded.
+	ErrCorrupt = errors.New("cache: corrupt entry")
+	// ErrWriterDone is returned by a BlobWriter used after Commit or Cancel.
+	ErrWriterDone = errors.New("cache: blob writer already committed or cancelled")
+)

@@ -1,0 +1,242 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
+	"go.opentelemetry.io/otel/sdk/resource"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+
+	"github.com/ocimirror/ocimirror/cache"
+	"github.com/ocimirror/ocimirror/config"
+	"github.com/ocimirror/ocimirror/proxy"
+	"github.com/ocimirror/ocimirror/upstream"
+)
+
+const serveUsage = `Usage: ocimirror serve [flags]
+
+Runs the mirror. With no flags it listens on :5000, keeps its data in
+./ocimirror-data, and mirrors docker.io (the default upstream), ghcr.io,
+quay.io and registry.k8s.io. Flags override the config file.
+
+Flags:
+`
+
+func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		configFile = fs.String("config", "", "YAML configuration `file`")
+		listen     = fs.String("listen", "", "`address` to serve the registry API on (default \":5000\")")
+		data       = fs.String("data", "", "`directory` of the cache (default \"./ocimirror-data\")")
+		defaultUp  = fs.String("default-upstream", "", "`name` of the upstream for requests without ns or host prefix (default \"docker.io\")")
+		logFormat  = fs.String("log-format", "", "log `format`: text or json (default \"text\")")
+		logLevel   = fs.String("log-level", "", "log `level`: debug, info, warn or error (default \"info\")")
+		ups        upstreamFlags
+	)
+	fs.Var(&ups, "upstream", "add or replace an upstream as `NAME=URL` (repeatable), e.g. 127.0.0.1:5002=http://127.0.0.1:5002")
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), serveUsage)
+		fs.PrintDefaults()
+	}
+	if code, done := parseFlags(fs, args, stdout); done {
+		return code
+	}
+	cfg, err := loadConfig(*configFile, *listen, *data, *defaultUp, *logFormat, *logLevel, ups)
+	if err != nil {
+		fmt.Fprintf(stderr, "ocimirror: %v\n", err)
+		return 1
+	}
+	logger := newLogger(cfg.Log, stderr)
+	if err := serve(ctx, cfg, logger); err != nil {
+		logger.Error("ocimirror stopped", "err", err)
+		return 1
+	}
+	return 0
+}
+
+func loadConfig(file, listen, data, defaultUp, logFormat, logLevel string, ups upstreamFlags) (config.Config, error) {
+	cfg := config.Default()
+	if file != "" {
+		var err error
+		if cfg, err = config.Load(file); err != nil {
+			return cfg, err
+		}
+	}
+	if listen != "" {
+		cfg.Listen = listen
+	}
+	if data != "" {
+		cfg.Storage.Path = data
+	}
+	for _, u := range ups {
+		cfg.SetUpstream(u[0], u[1])
+	}
+	if defaultUp != "" {
+		cfg.DefaultUpstream = defaultUp
+	}
+	if logFormat != "" {
+		if err := cfg.Log.Format.UnmarshalText([]byte(logFormat)); err != nil {
+			return cfg, fmt.Errorf("--log-format: %w", err)
+		}
+	}
+	if logLevel != "" {
+		if err := cfg.Log.Level.UnmarshalText([]byte(logLevel)); err != nil {
+			return cfg, fmt.Errorf("--log-level: %w", err)
+		}
+	}
+	return cfg, cfg.Validate()
+}
+
+func newLogger(c config.Log, w io.Writer) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(c.Level))
+	opts := &slog.HandlerOptions{Level: level}
+	if c.Format == config.LogJSON {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// serve runs the mirror until ctx ends, then shuts down gracefully:
+// in-flight requests and fills finish (within the shutdown timeout) and the
+// store is closed.
+func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
+	tp, shutdownTracing, err := newTracerProvider(ctx)
+	if err != nil {
+		return err
+	}
+	defer shutdownTracing()
+
+	badger, err := cache.OpenBadger(cache.BadgerOptions{Path: cfg.Storage.Path, Logger: logger})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := badger.Close(); err != nil {
+			logger.Error("closing the store", "err", err)
+		}
+	}()
+	store, err := cache.NewLRU(badger, cfg.Cache.ManifestEntries, cfg.Cache.MetadataEntries)
+	if err != nil {
+		return err
+	}
+
+	var ups []proxy.Upstream
+	for _, u := range cfg.Upstreams {
+		creds := upstream.Credentials{Username: u.Username, Password: u.Password, Token: u.Token}
+		if u.DockerConfig != "" {
+			if creds, err = upstream.DockerConfigCredentials(config.ExpandHome(u.DockerConfig), u.Name); err != nil {
+				return fmt.Errorf("upstream %s: %w", u.Name, err)
+			}
+		}
+		c, err := upstream.New(upstream.Options{
+			Name: u.Name, URL: u.URL, Credentials: creds,
+			CAFile: u.TLS.CAFile, InsecureSkipVerify: u.TLS.InsecureSkipVerify,
+			Logger: logger, TracerProvider: tp, UserAgent: "ocimirror/" + version,
+		})
+		if err != nil {
+			return err
+		}
+		ups = append(ups, proxy.Upstream{Client: c, TagTTL: u.TagTTL.Duration})
+	}
+	srv, err := proxy.New(proxy.Options{
+		Store: store, Upstreams: ups, DefaultUpstream: cfg.DefaultUpstream,
+		Logger: logger, TracerProvider: tp,
+	})
+	if err != nil {
+		return err
+	}
+
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return err
+	}
+	hs := &http.Server{
+		Handler:           srv.Handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          log.New(slogWriter{logger}, "", 0),
+	}
+	errc := make(chan error, 1)
+	go func() {
+		if cfg.TLS.CertFile != "" {
+			errc <- hs.ServeTLS(ln, cfg.TLS.CertFile, cfg.TLS.KeyFile)
+		} else {
+			errc <- hs.Serve(ln)
+		}
+	}()
+	names := make([]string, 0, len(cfg.Upstreams))
+	for _, u := range cfg.Upstreams {
+		names = append(names, u.Name+"="+u.URL)
+	}
+	logger.Info("ocimirror listening", "addr", ln.Addr().String(), "data", cfg.Storage.Path,
+		"default_upstream", cfg.DefaultUpstream, "upstreams", names, "version", version)
+
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	logger.Info("shutting down", "timeout", cfg.ShutdownTimeout.Duration)
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout.Duration)
+	defer cancel()
+	if err := hs.Shutdown(sctx); err != nil {
+		logger.Warn("requests still running at shutdown timeout", "err", err)
+		hs.Close()
+	}
+	if err := srv.Shutdown(sctx); err != nil {
+		logger.Warn("blob fills cancelled at shutdown timeout", "err", err)
+	}
+	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// newTracerProvider exports traces over OTLP/HTTP when the standard
+// OTEL_EXPORTER_OTLP_ENDPOINT (or _TRACES_ENDPOINT) or
+// OTEL_TRACES_EXPORTER=otlp is set; otherwise tracing is off.
+func newTracerProvider(ctx context.Context) (trace.TracerProvider, func(), error) {
+	enabled := os.Getenv("OTEL_EXPORTER_OTLP_ENDPOINT") != "" || os.Getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") != "" ||
+		os.Getenv("OTEL_TRACES_EXPORTER") == "otlp"
+	if !enabled || os.Getenv("OTEL_SDK_DISABLED") == "true" || os.Getenv("OTEL_TRACES_EXPORTER") == "none" {
+		return noop.NewTracerProvider(), func() {}, nil
+	}
+	exp, err := otlptracehttp.New(ctx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("otlp exporter: %w", err)
+	}
+	res, err := resource.Merge(resource.Default(), resource.NewSchemaless(semconv.ServiceName("ocimirror"), semconv.ServiceVersion(version)))
+	if err != nil {
+		res = resource.Default()
+	}
+	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp), sdktrace.WithResource(res))
+	return tp, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = tp.Shutdown(ctx)
+	}, nil
+}
+
+// slogWriter routes net/http's own error log (TLS handshake errors and the
+// like) into the structured log.
+type slogWriter struct{ l *slog.Logger }
+
+func (w slogWriter) Write(p []byte) (int, error) {
+	w.l.Warn("http server", "msg", string(p[:len(p)-min(len(p), 1)]))
+	return len(p), nil
+}

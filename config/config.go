@@ -1,0 +1,396 @@
+// Package config holds ocimirror's configuration: the YAML file, its
+// built-in defaults, and the validation that names a bad field and value.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Config is the whole configuration of one ocimirror process.
+type Config struct {
+	// Listen is the address the registry API is served on.
+	Listen string `yaml:"listen"`
+	// TLS, when set, serves the API over HTTPS instead of plain HTTP.
+	TLS ServerTLS `yaml:"tls"`
+	// Storage is where cached content is kept.
+	Storage Storage `yaml:"storage"`
+	// Cache tunes the in-memory layer above the store.
+	Cache Cache `yaml:"cache"`
+	// DefaultUpstream names the upstream for requests with no ns and no host prefix.
+	DefaultUpstream string `yaml:"defaultUpstream"`
+	// Upstreams are the registries ocimirror mirrors.
+	Upstreams []Upstream `yaml:"upstreams"`
+	// Log sets the format and level of the log on standard error.
+	Log Log `yaml:"log"`
+	// ShutdownTimeout bounds how long SIGTERM waits for in-flight work.
+	ShutdownTimeout Duration `yaml:"shutdownTimeout"`
+}
+
+// ServerTLS is the certificate ocimirror serves with.
+type ServerTLS struct {
+	// CertFile is a PEM certificate chain.
+	CertFile string `yaml:"certFile"`
+	// KeyFile is the PEM private key of CertFile.
+	KeyFile string `yaml:"keyFile"`
+}
+
+// Storage configures the on-disk store.
+type Storage struct {
+	// Path is the directory of the Badger database.
+	Path string `yaml:"path"`
+}
+
+// Cache configures the in-memory LRU above the store.
+type Cache struct {
+	// ManifestEntries is how many manifests the LRU holds.
+	ManifestEntries int `yaml:"manifestEntries"`
+	// MetadataEntries is how many tag and blob entries the LRU holds.
+	MetadataEntries int `yaml:"metadataEntries"`
+}
+
+// Upstream is one registry ocimirror mirrors.
+type Upstream struct {
+	// Name is the registry host as clients write it (docker.io, ghcr.io, 127.0.0.1:5002).
+	Name string `yaml:"name"`
+	// URL is where the registry API is reached; defaults to https://<name>.
+	URL string `yaml:"url"`
+	// TagTTL is how long a tag is answered from cache before it is revalidated.
+	TagTTL Duration `yaml:"tagTTL"`
+	// Username and Password are basic credentials, also used for token requests.
+	Username string `yaml:"username"`
+	Password string `yaml:"password"`
+	// Token is a static bearer token sent with every request.
+	Token string `yaml:"token"`
+	// DockerConfig is a Docker config.json to take this registry's credentials from.
+	DockerConfig string `yaml:"dockerConfig"`
+	// TLS configures how the upstream's certificate is checked.
+	TLS UpstreamTLS `yaml:"tls"`
+}
+
+// UpstreamTLS configures the client side of TLS toward an upstream. Plain
+// HTTP is chosen with an http:// URL.
+type UpstreamTLS struct {
+	// CAFile is a PEM bundle trusted in addition to the system roots.
+	CAFile string `yaml:"caFile"`
+	// InsecureSkipVerify accepts any certificate. For tests only.
+	InsecureSkipVerify bool `yaml:"insecureSkipVerify"`
+}
+
+// Log configures logging.
+type Log struct {
+	// Format is text or json.
+	Format LogFormat `yaml:"format"`
+	// Level is debug, info, warn or error.
+	Level LogLevel `yaml:"level"`
+}
+
+// LogFormat is the log encoding.
+type LogFormat string
+
+// The log formats.
+const (
+	LogText LogFormat = "text"
+	LogJSON LogFormat = "json"
+)
+
+// UnmarshalText accepts text or json.
+func (f *LogFormat) UnmarshalText(b []byte) error {
+	switch v := LogFormat(strings.ToLower(string(b))); v {
+	case LogText, LogJSON:
+		*f = v
+		return nil
+	}
+	return fmt.Errorf("log.format: %q is not text or json", b)
+}
+
+// LogLevel is the least severe level logged.
+type LogLevel string
+
+// UnmarshalText accepts debug, info, warn or error.
+func (l *LogLevel) UnmarshalText(b []byte) error {
+	switch v := LogLevel(strings.ToLower(string(b))); v {
+	case "debug", "info", "warn", "error":
+		*l = v
+		return nil
+	}
+	return fmt.Errorf("log.level: %q is not debug, info, warn or error", b)
+}
+
+// Duration is a time.Duration written as "5m" or "30s". It keeps what was
+// written so that Validate can name a bad value with its field.
+type Duration struct {
+	time.Duration
+	raw string
+}
+
+// UnmarshalText records the text; Validate parses it.
+func (d *Duration) UnmarshalText(b []byte) error {
+	d.raw = string(b)
+	d.Duration = 0
+	return nil
+}
+
+// MarshalText writes the duration back as text.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.Duration.String()), nil }
+
+func (d *Duration) parse(field string) error {
+	if d.raw == "" {
+		return nil
+	}
+	v, err := time.ParseDuration(d.raw)
+	if err != nil || v < 0 {
+		return fmt.Errorf("%s: invalid duration %q (use a value such as 30s or 5m)", field, d.raw)
+	}
+	d.Duration, d.raw = v, ""
+	return nil
+}
+
+// Dur returns a Duration of v.
+func Dur(v time.Duration) Duration { return Duration{Duration: v} }
+
+// DockerHub is the name clients use for Docker Hub.
+const DockerHub = "docker.io"
+
+// Default returns the built-in configuration: listen on :5000, data in
+// ./ocimirror-data, and the four big public registries with Docker Hub as
+// the default.
+func Default() Config {
+	return Config{
+		Listen:          ":5000",
+		Storage:         Storage{Path: "./ocimirror-data"},
+		Cache:           Cache{ManifestEntries: 4096, MetadataEntries: 65536},
+		DefaultUpstream: DockerHub,
+		Upstreams: []Upstream{
+			{Name: DockerHub, URL: "https://registry-1.docker.io"},
+			{Name: "ghcr.io", URL: "https://ghcr.io"},
+			{Name: "quay.io", URL: "https://quay.io"},
+			{Name: "registry.k8s.io", URL: "https://registry.k8s.io"},
+		},
+		Log:             Log{Format: LogText, Level: "info"},
+		ShutdownTimeout: Dur(30 * time.Second),
+	}
+}
+
+// DefaultTagTTL is how long a tag is trusted when an upstream sets no tagTTL.
+const DefaultTagTTL = 5 * time.Minute
+
+// Load reads a YAML file over the defaults. Fields the file leaves out keep
+// their default; a file that lists upstreams replaces the default list.
+func Load(path string) (Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("config: %w", err)
+	}
+	c, err := Parse(b)
+	if err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Parse reads YAML over the defaults and validates the result.
+func Parse(b []byte) (Config, error) {
+	c := Default()
+	var file Config
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(&file); err != nil && !errors.Is(err, io.EOF) {
+		return Config{}, err
+	}
+	c.merge(file)
+	if err := c.Validate(); err != nil {
+		return Config{}, err
+	}
+	return c, nil
+}
+
+// merge takes every field that f sets.
+func (c *Config) merge(f Config) {
+	if f.Listen != "" {
+		c.Listen = f.Listen
+	}
+	if f.TLS != (ServerTLS{}) {
+		c.TLS = f.TLS
+	}
+	if f.Storage.Path != "" {
+		c.Storage.Path = f.Storage.Path
+	}
+	if f.Cache.ManifestEntries != 0 {
+		c.Cache.ManifestEntries = f.Cache.ManifestEntries
+	}
+	if f.Cache.MetadataEntries != 0 {
+		c.Cache.MetadataEntries = f.Cache.MetadataEntries
+	}
+	if f.DefaultUpstream != "" {
+		c.DefaultUpstream = f.DefaultUpstream
+	}
+	if f.Upstreams != nil {
+		c.Upstreams = f.Upstreams
+		if f.DefaultUpstream == "" && len(f.Upstreams) > 0 && c.Upstream(c.DefaultUpstream) == nil {
+			c.DefaultUpstream = ""
+		}
+	}
+	if f.Log.Format != "" {
+		c.Log.Format = f.Log.Format
+	}
+	if f.Log.Level != "" {
+		c.Log.Level = f.Log.Level
+	}
+	if f.ShutdownTimeout.raw != "" || f.ShutdownTimeout.Duration != 0 {
+		c.ShutdownTimeout = f.ShutdownTimeout
+	}
+}
+
+// SetUpstream adds an upstream, or replaces the URL of the one with that name
+// (the --upstream NAME=URL flag).
+func (c *Config) SetUpstream(name, rawURL string) {
+	for i := range c.Upstreams {
+		if c.Upstreams[i].Name == name {
+			c.Upstreams[i].URL = rawURL
+			return
+		}
+	}
+	c.Upstreams = append(c.Upstreams, Upstream{Name: name, URL: rawURL})
+}
+
+// Upstream returns the upstream with that name, or nil.
+func (c *Config) Upstream(name string) *Upstream {
+	for i := range c.Upstreams {
+		if c.Upstreams[i].Name == name {
+			return &c.Upstreams[i]
+		}
+	}
+	return nil
+}
+
+// Validate checks every field, fills derived defaults (upstream URLs and
+// TTLs), and names the first bad field and its value.
+func (c *Config) Validate() error {
+	if c.Listen == "" {
+		return errors.New("listen: must not be empty")
+	}
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		return fmt.Errorf("listen: %q is not host:port (%v)", c.Listen, err)
+	}
+	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
+		return fmt.Errorf("tls: certFile %q and keyFile %q must be set together", c.TLS.CertFile, c.TLS.KeyFile)
+	}
+	if c.Storage.Path == "" {
+		return errors.New("storage.path: must not be empty")
+	}
+	if c.Cache.ManifestEntries < 1 {
+		return fmt.Errorf("cache.manifestEntries: %d must be at least 1", c.Cache.ManifestEntries)
+	}
+	if c.Cache.MetadataEntries < 1 {
+		return fmt.Errorf("cache.metadataEntries: %d must be at least 1", c.Cache.MetadataEntries)
+	}
+	if err := c.ShutdownTimeout.parse("shutdownTimeout"); err != nil {
+		return err
+	}
+	seen := map[string]bool{}
+	for i := range c.Upstreams {
+		u := &c.Upstreams[i]
+		field := fmt.Sprintf("upstreams[%d]", i)
+		if err := u.validate(field); err != nil {
+			return err
+		}
+		if seen[u.Name] {
+			return fmt.Errorf("%s.name: %q is configured twice", field, u.Name)
+		}
+		seen[u.Name] = true
+	}
+	if c.DefaultUpstream != "" && !seen[c.DefaultUpstream] {
+		return fmt.Errorf("defaultUpstream: %q is not the name of a configured upstream", c.DefaultUpstream)
+	}
+	return nil
+}
+
+func (u *Upstream) validate(field string) error {
+	if !validHost(u.Name) {
+		return fmt.Errorf("%s.name: %q is not a registry host such as docker.io or 127.0.0.1:5002", field, u.Name)
+	}
+	if u.URL == "" {
+		u.URL = "https://" + u.Name
+		if u.Name == DockerHub {
+			u.URL = "https://registry-1.docker.io"
+		}
+	}
+	p, err := url.Parse(u.URL)
+	if err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" || p.RawQuery != "" {
+		return fmt.Errorf("%s.url: %q is not an http:// or https:// registry URL", field, u.URL)
+	}
+	u.URL = strings.TrimSuffix(u.URL, "/")
+	if err := u.TagTTL.parse(field + ".tagTTL"); err != nil {
+		return err
+	}
+	if u.TagTTL.Duration == 0 {
+		u.TagTTL = Dur(DefaultTagTTL)
+	}
+	if u.Token != "" && (u.Username != "" || u.Password != "") {
+		return fmt.Errorf("%s.token: set either token or username/password, not both", field)
+	}
+	if u.Password != "" && u.Username == "" {
+		return fmt.Errorf("%s.username: a password is set without a username", field)
+	}
+	if u.DockerConfig != "" {
+		if _, err := os.Stat(expandHome(u.DockerConfig)); err != nil {
+			return fmt.Errorf("%s.dockerConfig: %q: %v", field, u.DockerConfig, err)
+		}
+	}
+	if u.TLS.CAFile != "" {
+		if _, err := os.Stat(u.TLS.CAFile); err != nil {
+			return fmt.Errorf("%s.tls.caFile: %q: %v", field, u.TLS.CAFile, err)
+		}
+	}
+	return nil
+}
+
+// validHost accepts a registry host: DNS name or IP, with an optional port.
+func validHost(h string) bool {
+	if h == "" || strings.ContainsAny(h, "/ @?#") {
+		return false
+	}
+	host := h
+	if hh, port, err := net.SplitHostPort(h); err == nil {
+		if port == "" {
+			return false
+		}
+		host = hh
+	}
+	if net.ParseIP(host) != nil {
+		return true
+	}
+	for _, label := range strings.Split(host, ".") {
+		if label == "" || len(label) > 63 {
+			return false
+		}
+		for _, r := range label {
+			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-') {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+func expandHome(p string) string {
+	if strings.HasPrefix(p, "~/") {
+		if home, err := os.UserHomeDir(); err == nil {
+			return home + p[1:]
+		}
+	}
+	return p
+}
+
+// ExpandHome resolves a leading ~/ in a configured path.
+func ExpandHome(p string) string { return expandHome(p) }

@@ -1,0 +1,240 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/gorilla/mux"
+
+	"github.com/ocimirror/ocimirror/cache"
+	"github.com/ocimirror/ocimirror/upstream"
+)
+
+// clientWriteTimeout drops a client that accepts nothing for this long.
+const clientWriteTimeout = 2 * time.Minute
+
+// blob serves GET and HEAD /v2/<name>/blobs/<digest>.
+func (s *Server) blob(w http.ResponseWriter, r *http.Request, q *request) error {
+	q.ref = mux.Vars(r)["digest"]
+	d, err := parseDigest(q.ref)
+	if err != nil {
+		return err
+	}
+	q.dgst = d
+	ctx := r.Context()
+	info, err := s.store.StatBlob(ctx, d)
+	if err == nil {
+		q.setCache("hit")
+		return s.serveStored(w, r, q, info.Size)
+	}
+	if !errors.Is(err, cache.ErrNotFound) {
+		return err
+	}
+	if r.Method == http.MethodHead {
+		return s.headBlob(w, r, q)
+	}
+	f, started, err := s.joinFill(ctx, q)
+	if err != nil {
+		return err
+	}
+	if f == nil {
+		info, err := s.store.StatBlob(ctx, d)
+		if err != nil {
+			return err
+		}
+		q.setCache("hit")
+		return s.serveStored(w, r, q, info.Size)
+	}
+	q.setCache(missOrCoalesced(!started))
+	select {
+	case <-f.ready:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if f.startErr != nil {
+		return f.startErr
+	}
+	return s.serveFill(w, r, q, f)
+}
+
+func setBlobHeaders(h http.Header, q *request, status int, start, end, size int64) {
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set(HeaderContentDigest, q.dgst.String())
+	h.Set("Etag", `"`+q.dgst.String()+`"`)
+	h.Set("Cache-Control", "max-age=31536000")
+	if size < 0 {
+		return // length unknown until the fill ends: chunked, no ranges
+	}
+	h.Set("Accept-Ranges", "bytes")
+	h.Set("Content-Length", strconv.FormatInt(end-start, 10))
+	if status == http.StatusPartialContent {
+		h.Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", start, end-1, size))
+	}
+}
+
+// serveStored answers from a committed blob, with Range.
+func (s *Server) serveStored(w http.ResponseWriter, r *http.Request, q *request, size int64) error {
+	start, end, status, err := blobRange(r.Header.Get("Range"), size)
+	if err != nil {
+		return err
+	}
+	if t, ok := s.store.(cache.Toucher); ok {
+		t.Touch(q.dgst)
+	}
+	if r.Method == http.MethodHead {
+		setBlobHeaders(w.Header(), q, status, start, end, size)
+		w.WriteHeader(status)
+		return nil
+	}
+	rd, err := s.store.OpenBlob(r.Context(), q.dgst)
+	if err != nil {
+		return err
+	}
+	setBlobHeaders(w.Header(), q, status, start, end, size)
+	w.WriteHeader(status)
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	dw := newDeadlineWriter(w)
+	for off := start; off < end; {
+		n := int(min(int64(len(buf)), end-off))
+		if _, err := rd.ReadAt(buf[:n], off); err != nil {
+			return errAbort{fmt.Errorf("reading cached blob: %w", err)}
+		}
+		if _, err := dw.Write(buf[:n]); err != nil {
+			return err
+		}
+		off += int64(n)
+	}
+	return nil
+}
+
+// serveFill answers from a fill in progress: headers at once, bytes as they
+// arrive.
+func (s *Server) serveFill(w http.ResponseWriter, r *http.Request, q *request, f *blobFill) error {
+	ctx := r.Context()
+	if f.size < 0 && r.Header.Get("Range") != "" {
+		// Ranges need the length: wait for the end and serve the stored blob.
+		for {
+			_, done, err, wake := f.state()
+			if err != nil {
+				return err
+			}
+			if done {
+				return s.serveStored(w, r, q, f.w.Flushed())
+			}
+			select {
+			case <-wake:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+	}
+	start, end, status := int64(0), f.size, http.StatusOK
+	if f.size >= 0 {
+		var err error
+		if start, end, status, err = blobRange(r.Header.Get("Range"), f.size); err != nil {
+			return err
+		}
+	}
+	setBlobHeaders(w.Header(), q, status, start, end, f.size)
+	w.WriteHeader(status)
+	return s.follow(ctx, newDeadlineWriter(w), f, start, end)
+}
+
+// headBlob answers a HEAD miss from a running fill or an upstream HEAD; it
+// never downloads.
+func (s *Server) headBlob(w http.ResponseWriter, r *http.Request, q *request) error {
+	q.setCache("miss")
+	ctx := r.Context()
+	s.fills.mu.Lock()
+	f := s.fills.m[q.dgst.String()]
+	s.fills.mu.Unlock()
+	if f != nil {
+		select {
+		case <-f.ready:
+			if f.startErr == nil && f.size >= 0 {
+				q.cache = "coalesced"
+				setBlobHeaders(w.Header(), q, http.StatusOK, 0, f.size, f.size)
+				w.WriteHeader(http.StatusOK)
+				return nil
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, upstreamFetchTimeout)
+	defer cancel()
+	resp, err := q.up.client.Blob(ctx, http.MethodHead, q.repo, q.dgst, 0)
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || resp.ContentLength < 0 {
+		return fmt.Errorf("%w: blob HEAD answered %d with length %d", upstream.ErrInvalidResponse, resp.StatusCode, resp.ContentLength)
+	}
+	setBlobHeaders(w.Header(), q, http.StatusOK, 0, resp.ContentLength, resp.ContentLength)
+	w.WriteHeader(http.StatusOK)
+	return nil
+}
+
+// blobRange applies a Range header (RFC 9110) to a blob of size bytes and
+// returns the half-open span to send and the status. A header it cannot
+// parse, or one with several ranges, is ignored (the whole blob, 200).
+func blobRange(header string, size int64) (start, end int64, status int, err error) {
+	spec, ok := strings.CutPrefix(header, "bytes=")
+	if !ok || strings.Contains(spec, ",") {
+		return 0, size, http.StatusOK, nil
+	}
+	first, last, ok := strings.Cut(strings.TrimSpace(spec), "-")
+	if !ok {
+		return 0, size, http.StatusOK, nil
+	}
+	unsatisfiable := &Error{Code: CodeRangeInvalid, Header: http.Header{"Content-Range": {"bytes */" + strconv.FormatInt(size, 10)}},
+		Detail: map[string]string{"range": header}}
+	if first == "" {
+		n, perr := strconv.ParseInt(last, 10, 64)
+		if perr != nil || n < 0 {
+			return 0, size, http.StatusOK, nil
+		}
+		if n == 0 || size == 0 {
+			return 0, 0, 0, unsatisfiable
+		}
+		return max(size-n, 0), size, http.StatusPartialContent, nil
+	}
+	a, perr := strconv.ParseInt(first, 10, 64)
+	if perr != nil || a < 0 {
+		return 0, size, http.StatusOK, nil
+	}
+	b := size - 1
+	if last != "" {
+		if b, perr = strconv.ParseInt(last, 10, 64); perr != nil || b < a {
+			return 0, size, http.StatusOK, nil
+		}
+	}
+	if a >= size {
+		return 0, 0, 0, unsatisfiable
+	}
+	return a, min(b, size-1) + 1, http.StatusPartialContent, nil
+}
+
+// deadlineWriter gives every write to a client a fresh deadline, so a
+// client that stops reading is dropped instead of holding its goroutine.
+type deadlineWriter struct {
+	w  http.ResponseWriter
+	rc *http.ResponseController
+}
+
+func newDeadlineWriter(w http.ResponseWriter) deadlineWriter {
+	return deadlineWriter{w: w, rc: http.NewResponseController(w)}
+}
+
+func (d deadlineWriter) Write(p []byte) (int, error) {
+	_ = d.rc.SetWriteDeadline(time.Now().Add(clientWriteTimeout))
+	return d.w.Write(p)
+}

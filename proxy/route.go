@@ -1,0 +1,188 @@
+package proxy
+
+import (
+	"net/http"
+	"strings"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/ocimirror/ocimirror/config"
+)
+
+// maxNameLength bounds a repository name, as distribution does.
+const maxNameLength = 255
+
+// request is one parsed API request: which upstream, which repository, and
+// what the log line and the error mapping need to know.
+type request struct {
+	op string
+	up *upstreamState
+	// name is the repository as the client wrote it (after ?ns or a host
+	// prefix is taken off, before library/ is added); repo is the upstream's.
+	name string
+	repo string
+	// prefix is the host prefix the client used ("" without one).
+	prefix string
+	// ns is the ?ns= value the request was routed by.
+	ns string
+	// ref is the tag or digest of the request; dgst is set when it is a digest.
+	ref  string
+	dgst digest.Digest
+	// cache is how the request was served: hit, miss, coalesced, stale,
+	// revalidated; empty when the cache took no part.
+	cache string
+}
+
+// clientPath is the /v2/ path a client would use for this repository, for
+// Link headers.
+func (q *request) clientPath() string {
+	if q.prefix != "" {
+		return "/v2/" + q.prefix + "/" + q.name
+	}
+	return "/v2/" + q.name
+}
+
+// resolve fills q from the path's name and the ?ns parameter, validating
+// everything before any storage access or upstream call.
+func (s *Server) resolve(r *http.Request, q *request, rawName string) error {
+	q.ns = r.URL.Query().Get("ns")
+	name := rawName
+	switch {
+	case q.ns != "":
+		q.up = s.upstreamByHost(q.ns)
+		if q.up == nil {
+			return &Error{Code: CodeNameUnknown, Message: "registry not mirrored here", Detail: map[string]string{"ns": q.ns}}
+		}
+	default:
+		if host, rest, ok := strings.Cut(name, "/"); ok {
+			if up := s.upstreams[host]; up != nil {
+				q.up, q.prefix, name = up, host, rest
+			}
+		}
+		if q.up == nil {
+			q.up = s.defaultUpstream
+		}
+		if q.up == nil {
+			return &Error{Code: CodeNameUnknown, Message: "no upstream for this name and no default upstream", Detail: map[string]string{"name": rawName}}
+		}
+	}
+	if !validName(name) {
+		return ErrNameInvalid(map[string]string{"name": rawName})
+	}
+	q.name, q.repo = name, name
+	if q.up.dockerHub && !strings.Contains(name, "/") {
+		q.repo = "library/" + name
+	}
+	return nil
+}
+
+// upstreamByHost finds the upstream a containerd ?ns= names; Docker Hub's
+// other host names count as docker.io.
+func (s *Server) upstreamByHost(host string) *upstreamState {
+	if up := s.upstreams[host]; up != nil {
+		return up
+	}
+	switch host {
+	case "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com":
+		return s.upstreams[config.DockerHub]
+	}
+	return nil
+}
+
+// parseReference accepts a tag or a digest for a manifest request.
+func (q *request) parseReference(ref string) error {
+	q.ref = ref
+	if strings.Contains(ref, ":") {
+		d, err := parseDigest(ref)
+		if err != nil {
+			return err
+		}
+		q.dgst = d
+		return nil
+	}
+	if !validTag(ref) {
+		return ErrTagInvalid(ref)
+	}
+	return nil
+}
+
+// parseDigest accepts sha256 and sha512 digests only.
+func parseDigest(s string) (digest.Digest, error) {
+	d := digest.Digest(s)
+	switch d.Algorithm() {
+	case digest.SHA256, digest.SHA512:
+	default:
+		return "", ErrDigestInvalid(map[string]string{"digest": s, "reason": "algorithm must be sha256 or sha512"})
+	}
+	if err := d.Validate(); err != nil {
+		return "", ErrDigestInvalid(map[string]string{"digest": s})
+	}
+	return d, nil
+}
+
+// validName checks a repository name against the distribution spec:
+// [a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*
+func validName(name string) bool {
+	if name == "" || len(name) > maxNameLength {
+		return false
+	}
+	for len(name) > 0 {
+		comp := name
+		if i := strings.IndexByte(name, '/'); i >= 0 {
+			comp, name = name[:i], name[i+1:]
+			if name == "" {
+				return false // trailing slash
+			}
+		} else {
+			name = ""
+		}
+		if !validComponent(comp) {
+			return false
+		}
+	}
+	return true
+}
+
+func validComponent(c string) bool {
+	if c == "" || !alnum(c[0]) || !alnum(c[len(c)-1]) {
+		return false
+	}
+	for i := 1; i < len(c); i++ {
+		if alnum(c[i]) {
+			continue
+		}
+		// A separator run: ".", "_", "__" or one or more "-".
+		j := i
+		for j < len(c) && !alnum(c[j]) {
+			j++
+		}
+		switch sep := c[i:j]; {
+		case sep == "." || sep == "_" || sep == "__":
+		case strings.Trim(sep, "-") == "":
+		default:
+			return false
+		}
+		i = j - 1
+	}
+	return true
+}
+
+func alnum(b byte) bool { return b >= 'a' && b <= 'z' || b >= '0' && b <= '9' }
+
+// validTag checks [a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}.
+func validTag(t string) bool {
+	if t == "" || len(t) > 128 {
+		return false
+	}
+	for i := 0; i < len(t); i++ {
+		c := t[i]
+		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_'
+		if !ok && i > 0 {
+			ok = c == '.' || c == '-'
+		}
+		if !ok {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,382 @@
+// Package proxy serves the registry API: it routes each request to an
+// upstream, answers from the cache where it can, and fills the cache from
+// the upstream where it must.
+package proxy
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/gorilla/mux"
+	lru "github.com/hashicorp/golang-lru/v2"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/ocimirror/ocimirror/cache"
+	"github.com/ocimirror/ocimirror/config"
+	"github.com/ocimirror/ocimirror/upstream"
+)
+
+// Header names.
+const (
+	HeaderAPIVersion     = "Docker-Distribution-API-Version"
+	HeaderContentDigest  = "Docker-Content-Digest"
+	HeaderNamespace      = "OCI-Namespace"
+	HeaderFiltersApplied = "OCI-Filters-Applied"
+	HeaderSubject        = "OCI-Subject"
+)
+
+// upstreamFetchTimeout bounds a manifest, tag or tag-list fetch. Blob fills
+// have no overall bound: the upstream client cuts a body that stalls.
+const upstreamFetchTimeout = 2 * time.Minute
+
+// Upstream is one mirrored registry.
+type Upstream struct {
+	Client *upstream.Client
+	// TagTTL is how long a tag is served from cache before revalidation.
+	TagTTL time.Duration
+}
+
+// Options configures a Server.
+type Options struct {
+	Store     cache.Store
+	Upstreams []Upstream
+	// DefaultUpstream names the upstream for names without ns or prefix.
+	DefaultUpstream string
+	Logger          *slog.Logger
+	TracerProvider  trace.TracerProvider
+	// Clock is the time source (tests); time.Now if nil.
+	Clock func() time.Time
+}
+
+type upstreamState struct {
+	client    *upstream.Client
+	name      string
+	tagTTL    time.Duration
+	dockerHub bool
+}
+
+// Server is the registry API.
+type Server struct {
+	store           cache.Store
+	upstreams       map[string]*upstreamState
+	defaultUpstream *upstreamState
+	log             *slog.Logger
+	tracer          trace.Tracer
+	now             func() time.Time
+
+	// flight coalesces manifest and tag fetches; fills coalesces blobs.
+	flight   singleflight.Group
+	fills    fills
+	tagLists *lru.Cache[string, tagList]
+
+	// ctx is the server's lifetime: fills run under it, detached from the
+	// clients that started them.
+	ctx    context.Context
+	cancel context.CancelFunc
+	work   sync.WaitGroup
+}
+
+// New builds a Server.
+func New(o Options) (*Server, error) {
+	if o.Store == nil {
+		return nil, errors.New("proxy: no store")
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.TracerProvider == nil {
+		o.TracerProvider = noop.NewTracerProvider()
+	}
+	if o.Clock == nil {
+		o.Clock = time.Now
+	}
+	tl, err := lru.New[string, tagList](1024)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{
+		store:     o.Store,
+		upstreams: map[string]*upstreamState{},
+		log:       o.Logger,
+		tracer:    o.TracerProvider.Tracer("github.com/ocimirror/ocimirror/proxy"),
+		now:       o.Clock,
+		tagLists:  tl,
+	}
+	s.fills.m = map[string]*blobFill{}
+	for _, u := range o.Upstreams {
+		name := u.Client.Name()
+		if _, dup := s.upstreams[name]; dup {
+			return nil, fmt.Errorf("proxy: upstream %s configured twice", name)
+		}
+		ttl := u.TagTTL
+		if ttl <= 0 {
+			ttl = config.DefaultTagTTL
+		}
+		s.upstreams[name] = &upstreamState{client: u.Client, name: name, tagTTL: ttl, dockerHub: name == config.DockerHub}
+	}
+	if o.DefaultUpstream != "" {
+		s.defaultUpstream = s.upstreams[o.DefaultUpstream]
+		if s.defaultUpstream == nil {
+			return nil, fmt.Errorf("proxy: default upstream %s is not configured", o.DefaultUpstream)
+		}
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	return s, nil
+}
+
+// Shutdown waits for background fills to finish, or cancels them when ctx
+// ends first. Call it after the HTTP server has shut down.
+func (s *Server) Shutdown(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() { s.work.Wait(); close(done) }()
+	select {
+	case <-done:
+		s.cancel()
+		return nil
+	case <-ctx.Done():
+		s.cancel()
+		<-done
+		return ctx.Err()
+	}
+}
+
+// Handler returns the HTTP handler of the registry API.
+func (s *Server) Handler() http.Handler {
+	r := mux.NewRouter().SkipClean(true).UseEncodedPath()
+	get := []string{http.MethodGet, http.MethodHead}
+	r.Handle("/v2/", s.handle("base", s.base)).Methods(get...)
+	r.Handle("/v2", s.handle("base", s.base)).Methods(get...)
+	r.Handle("/v2/{name:.+}/manifests/{reference}", s.handle("manifest", s.manifest)).Methods(get...)
+	r.Handle("/v2/{name:.+}/blobs/uploads/{rest:.*}", s.handle("upload", s.unsupported))
+	r.Handle("/v2/{name:.+}/blobs/{digest}", s.handle("blob", s.blob)).Methods(get...)
+	r.Handle("/v2/{name:.+}/tags/list", s.handle("tags", s.tags)).Methods(get...)
+	r.Handle("/v2/{name:.+}/referrers/{digest}", s.handle("referrers", s.referrers)).Methods(get...)
+	r.MethodNotAllowedHandler = s.handle("", s.unsupported)
+	r.NotFoundHandler = s.handle("", func(w http.ResponseWriter, r *http.Request, q *request) error {
+		return &Error{Code: CodeUnsupported, Status: http.StatusNotFound, Message: "no such endpoint", Detail: map[string]string{"path": r.URL.Path}}
+	})
+	return r
+}
+
+type handlerFunc func(w http.ResponseWriter, r *http.Request, q *request) error
+
+// handle is the edge every request passes: it resolves the route, traces,
+// runs the handler, maps its error to an OCI error body, and logs one line.
+func (s *Server) handle(op string, h handlerFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		rw := &responseWriter{ResponseWriter: w}
+		rw.Header().Set(HeaderAPIVersion, "registry/2.0")
+		ctx, span := s.tracer.Start(r.Context(), r.Method+" "+op, trace.WithSpanKind(trace.SpanKindServer),
+			trace.WithAttributes(attribute.String("http.request.method", r.Method), attribute.String("url.path", r.URL.Path)))
+		r = r.WithContext(ctx)
+		q := &request{op: op}
+		var err error
+		defer func() {
+			if p := recover(); p != nil {
+				err = fmt.Errorf("panic: %v\n%s", p, debug.Stack())
+				if !rw.wroteHeader {
+					s.writeError(rw, r, q, &Error{Code: CodeUnknown, Err: err})
+				}
+			}
+			s.finish(r, rw, q, span, start, err)
+			if _, abort := errors.AsType[errAbort](err); abort {
+				panic(http.ErrAbortHandler)
+			}
+		}()
+		if vars := mux.Vars(r); vars["name"] != "" {
+			err = s.resolve(r, q, vars["name"])
+		}
+		if err == nil {
+			if q.ns != "" {
+				rw.Header().Set(HeaderNamespace, q.ns)
+			}
+			err = h(rw, r, q)
+		}
+		if err != nil && !rw.wroteHeader {
+			s.writeError(rw, r, q, err)
+		}
+	})
+}
+
+// finish records the request on its span and logs it.
+func (s *Server) finish(r *http.Request, rw *responseWriter, q *request, span trace.Span, start time.Time, err error) {
+	status := rw.status
+	if status == 0 {
+		status = http.StatusOK
+	}
+	span.SetAttributes(attribute.Int("http.response.status_code", status))
+	if q.up != nil {
+		span.SetAttributes(attribute.String("ocimirror.upstream", q.up.name), attribute.String("ocimirror.repo", q.repo))
+	}
+	if q.cache != "" {
+		span.SetAttributes(attribute.String("ocimirror.cache", q.cache))
+	}
+	level := slog.LevelInfo
+	if err != nil {
+		span.RecordError(err)
+		if status >= 500 || rw.wroteHeader && status < 300 {
+			span.SetStatus(codes.Error, err.Error())
+			level = slog.LevelWarn
+		}
+	}
+	span.End()
+	if !s.log.Enabled(r.Context(), level) {
+		return
+	}
+	attrs := make([]slog.Attr, 0, 12)
+	attrs = append(attrs,
+		slog.String("method", r.Method),
+		slog.String("path", r.URL.Path),
+		slog.Int("status", status),
+		slog.Int64("bytes", rw.bytes),
+		slog.Duration("duration", time.Since(start)))
+	if q.up != nil {
+		attrs = append(attrs, slog.String("upstream", q.up.name), slog.String("repo", q.repo))
+	}
+	if q.ns != "" {
+		attrs = append(attrs, slog.String("ns", q.ns))
+	}
+	if q.dgst != "" {
+		attrs = append(attrs, slog.String("digest", q.dgst.String()))
+	} else if q.ref != "" {
+		attrs = append(attrs, slog.String("tag", q.ref))
+	}
+	if q.cache != "" {
+		attrs = append(attrs, slog.String("cache", q.cache))
+	}
+	if err != nil {
+		attrs = append(attrs, slog.String("err", err.Error()))
+	}
+	s.log.LogAttrs(r.Context(), level, "request", attrs...)
+}
+
+// writeError answers err in the OCI error format. Upstream failures are
+// mapped here, once: not found and denied become the operation's unknown
+// code (an upstream's 401 is never forwarded as a challenge the client
+// cannot answer), 429 passes on with its Retry-After, the rest is 502/504.
+func (s *Server) writeError(w http.ResponseWriter, r *http.Request, q *request, err error) {
+	e := s.apiError(q, err)
+	h := w.Header()
+	for k, v := range e.Header {
+		h[k] = v
+	}
+	body, _ := json.Marshal(struct {
+		Errors []any `json:"errors"`
+	}{[]any{struct {
+		Code    Code   `json:"code"`
+		Message string `json:"message"`
+		Detail  any    `json:"detail,omitempty"`
+	}{e.Code, e.message(), e.Detail}}})
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	h.Del("Docker-Content-Digest")
+	w.WriteHeader(e.status())
+	if r.Method != http.MethodHead {
+		_, _ = w.Write(body)
+	}
+}
+
+func (s *Server) apiError(q *request, err error) *Error {
+	if e, ok := errors.AsType[*Error](err); ok {
+		return e
+	}
+	unknown := ErrNameUnknown(map[string]string{"name": q.name})
+	switch q.op {
+	case "manifest":
+		unknown = ErrManifestUnknown(map[string]string{"name": q.name, "reference": q.ref})
+	case "blob":
+		unknown = ErrBlobUnknown(map[string]string{"digest": q.ref})
+	}
+	switch {
+	case errors.Is(err, upstream.ErrNotFound), errors.Is(err, upstream.ErrDenied):
+		return unknown
+	case errors.Is(err, upstream.ErrTooManyRequests):
+		e := &Error{Code: CodeTooManyRequests, Header: http.Header{}}
+		if se, ok := errors.AsType[*upstream.StatusError](err); ok {
+			for k, v := range se.Header {
+				if lk := strings.ToLower(k); lk == "retry-after" || strings.HasPrefix(lk, "ratelimit-") || strings.HasPrefix(lk, "x-ratelimit-") || lk == "docker-ratelimit-source" {
+					e.Header[k] = v
+				}
+			}
+		}
+		return e
+	case errors.Is(err, context.DeadlineExceeded):
+		return &Error{Code: CodeUnavailable, Status: http.StatusGatewayTimeout, Message: "upstream registry timed out"}
+	case errors.Is(err, upstream.ErrUnavailable), errors.Is(err, upstream.ErrInvalidResponse),
+		errors.Is(err, errDigestMismatch), errors.Is(err, errSizeMismatch):
+		return &Error{Code: CodeUnavailable, Detail: map[string]string{"upstream": q.upName()}}
+	case errors.Is(err, context.Canceled):
+		// The client went away; nobody reads this answer.
+		return &Error{Code: CodeUnknown, Status: 499, Message: "request cancelled"}
+	}
+	s.log.Error("internal error", "err", err, "op", q.op)
+	return &Error{Code: CodeUnknown}
+}
+
+func (q *request) upName() string {
+	if q.up == nil {
+		return ""
+	}
+	return q.up.name
+}
+
+func (s *Server) base(w http.ResponseWriter, r *http.Request, _ *request) error {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", "2")
+	if r.Method != http.MethodHead {
+		_, _ = w.Write([]byte("{}"))
+	}
+	return nil
+}
+
+func (s *Server) unsupported(http.ResponseWriter, *http.Request, *request) error {
+	return ErrUnsupported(nil)
+}
+
+// detached returns a context for work that outlives the client's request:
+// it keeps the request's trace, ends with the server, and has a deadline.
+func (s *Server) detached(ctx context.Context, timeout time.Duration) (context.Context, context.CancelFunc) {
+	c, cancel := context.WithTimeout(trace.ContextWithSpanContext(s.ctx, trace.SpanContextFromContext(ctx)), timeout)
+	return c, cancel
+}
+
+// responseWriter records the status and byte count for the log line.
+type responseWriter struct {
+	http.ResponseWriter
+	status      int
+	bytes       int64
+	wroteHeader bool
+}
+
+func (w *responseWriter) WriteHeader(code int) {
+	if !w.wroteHeader {
+		w.status, w.wroteHeader = code, true
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *responseWriter) Write(p []byte) (int, error) {
+	if !w.wroteHeader {
+		w.WriteHeader(http.StatusOK)
+	}
+	n, err := w.ResponseWriter.Write(p)
+	w.bytes += int64(n)
+	return n, err
+}
+
+// Unwrap lets http.ResponseController reach the connection.
+func (w *responseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

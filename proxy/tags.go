@@ -1,0 +1,159 @@
+package proxy
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/ocimirror/ocimirror/upstream"
+)
+
+// maxTagPages bounds how many pages of an upstream's tag list are followed.
+const maxTagPages = 100
+
+// tagList is an upstream repository's whole tag list, sorted.
+type tagList struct {
+	tags    []string
+	checked time.Time
+}
+
+// tags serves GET /v2/<name>/tags/list with n and last. The upstream's
+// whole list is fetched (following its pages), cached for the tag TTL, and
+// paged here, so paging works the same whatever the upstream supports.
+func (s *Server) tags(w http.ResponseWriter, r *http.Request, q *request) error {
+	query := r.URL.Query()
+	n := -1
+	if v := query.Get("n"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 0 {
+			return &Error{Code: CodePaginationInvalid, Detail: map[string]string{"n": v}}
+		}
+	}
+	last := query.Get("last")
+	list, err := s.tagList(r.Context(), q)
+	if err != nil {
+		return err
+	}
+	tags := list.tags
+	if last != "" {
+		i, found := slices.BinarySearch(tags, last)
+		if found {
+			i++
+		}
+		tags = tags[i:]
+	}
+	if n >= 0 && len(tags) > n {
+		tags = tags[:n]
+		if n > 0 {
+			next := url.Values{"n": {strconv.Itoa(n)}, "last": {tags[n-1]}}
+			if q.ns != "" {
+				next.Set("ns", q.ns)
+			}
+			w.Header().Set("Link", "<"+q.clientPath()+"/tags/list?"+next.Encode()+`>; rel="next"`)
+		}
+	}
+	if tags == nil {
+		tags = []string{}
+	}
+	name := q.name
+	if q.prefix != "" {
+		name = q.prefix + "/" + q.name
+	}
+	body, err := json.Marshal(struct {
+		Name string   `json:"name"`
+		Tags []string `json:"tags"`
+	}{name, tags})
+	if err != nil {
+		return err
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(http.StatusOK)
+	if r.Method != http.MethodHead {
+		_, _ = w.Write(body)
+	}
+	return nil
+}
+
+// tagList returns the repository's tags: cached within the TTL, else
+// fetched (concurrent callers share one fetch), else stale on a transient
+// upstream failure.
+func (s *Server) tagList(ctx context.Context, q *request) (tagList, error) {
+	key := q.up.name + "\x00" + q.repo
+	old, known := s.tagLists.Get(key)
+	if known && s.now().Sub(old.checked) < q.up.tagTTL {
+		q.setCache("hit")
+		return old, nil
+	}
+	v, err, shared := s.flightDo(ctx, "l\x00"+key, func(ctx context.Context) (any, error) {
+		tags, err := fetchTags(ctx, q.up.client, q.repo)
+		if err != nil {
+			return nil, err
+		}
+		l := tagList{tags: tags, checked: s.now()}
+		s.tagLists.Add(key, l)
+		return l, nil
+	})
+	if err != nil {
+		if known && upstream.Transient(err) {
+			s.log.Warn("upstream failed; serving last known tag list", "upstream", q.up.name, "repo", q.repo, "err", err)
+			q.setCache("stale")
+			return old, nil
+		}
+		return tagList{}, err
+	}
+	q.setCache(missOrCoalesced(shared))
+	return v.(tagList), nil
+}
+
+// fetchTags reads every page of an upstream's tag list.
+func fetchTags(ctx context.Context, c *upstream.Client, repo string) ([]string, error) {
+	var all []string
+	var query url.Values
+	for page := 0; page < maxTagPages; page++ {
+		resp, err := c.Do(ctx, upstream.Request{Method: http.MethodGet, Repo: repo, Path: "tags/list", Query: query})
+		if err != nil {
+			return nil, err
+		}
+		body, err := upstream.ReadLimited(resp)
+		if err != nil {
+			return nil, err
+		}
+		var tl struct {
+			Tags []string `json:"tags"`
+		}
+		if err := json.Unmarshal(body, &tl); err != nil {
+			return nil, fmt.Errorf("%w: tag list: %v", upstream.ErrInvalidResponse, err)
+		}
+		all = append(all, tl.Tags...)
+		query = nextPage(resp.Header.Get("Link"))
+		if query == nil {
+			break
+		}
+	}
+	slices.Sort(all)
+	return slices.Compact(all), nil
+}
+
+// nextPage returns the query of a Link: <...>; rel="next" header, or nil.
+func nextPage(link string) url.Values {
+	for l := range strings.SplitSeq(link, ",") {
+		target, params, ok := strings.Cut(l, ";")
+		if !ok || !strings.Contains(params, `rel="next"`) {
+			continue
+		}
+		target = strings.Trim(strings.TrimSpace(target), "<>")
+		u, err := url.Parse(target)
+		if err != nil || u.RawQuery == "" {
+			return nil
+		}
+		return u.Query()
+	}
+	return nil
+}

@@ -1,0 +1,312 @@
+package upstream
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/singleflight"
+)
+
+// maxMetadata caps every metadata body read from an upstream: manifests,
+// tokens, error bodies, tag lists (as oras and regclient do).
+const maxMetadata = 4 << 20
+
+// defaultTokenLifetime is a token's life when the token server gives none
+// (the distribution token spec's default).
+const defaultTokenLifetime = 60 * time.Second
+
+// Credentials are what ocimirror presents to one upstream.
+type Credentials struct {
+	Username string
+	Password string
+	// Token is a static bearer token sent as is.
+	Token string
+}
+
+// authenticator answers an upstream's challenges. Tokens are cached per
+// scope until they expire; once the upstream's Bearer realm is known, tokens
+// for new scopes are fetched before the first request, saving a 401.
+type authenticator struct {
+	upstreamHost string
+	creds        Credentials
+	hc           *http.Client
+	userAgent    string
+
+	mu     sync.Mutex
+	bearer *challenge // the upstream's Bearer challenge, once seen
+	basic  bool       // the upstream asked for Basic
+	tokens map[string]token
+
+	fetches singleflight.Group
+}
+
+type token struct {
+	value   string
+	expires time.Time
+}
+
+type challenge struct {
+	scheme string
+	params map[string]string
+}
+
+// authorize sets the Authorization header for a request needing scope.
+// With a known Bearer realm and no cached token it fetches one.
+func (a *authenticator) authorize(ctx context.Context, req *http.Request, scope string) error {
+	if a.creds.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+a.creds.Token)
+		return nil
+	}
+	a.mu.Lock()
+	basic, bearer := a.basic, a.bearer
+	t, ok := a.tokens[scope]
+	a.mu.Unlock()
+	switch {
+	case basic:
+		if a.creds.Username != "" {
+			req.SetBasicAuth(a.creds.Username, a.creds.Password)
+		}
+	case ok && time.Now().Before(t.expires):
+		req.Header.Set("Authorization", "Bearer "+t.value)
+	case bearer != nil:
+		v, err := a.token(ctx, bearer, scope)
+		if err != nil {
+			return err
+		}
+		req.Header.Set("Authorization", "Bearer "+v)
+	}
+	return nil
+}
+
+// handleChallenge reacts to a 401. It returns true when a retry may succeed.
+func (a *authenticator) handleChallenge(ctx context.Context, resp *http.Response, scope string) (bool, error) {
+	if a.creds.Token != "" {
+		return false, nil
+	}
+	for _, c := range parseChallenges(resp.Header.Values("WWW-Authenticate")) {
+		switch c.scheme {
+		case "bearer":
+			if c.params["realm"] == "" {
+				continue
+			}
+			a.mu.Lock()
+			a.bearer = &c
+			delete(a.tokens, scope)
+			a.mu.Unlock()
+			if _, err := a.token(ctx, &c, scope); err != nil {
+				return false, err
+			}
+			return true, nil
+		case "basic":
+			if a.creds.Username == "" {
+				return false, nil
+			}
+			a.mu.Lock()
+			already := a.basic
+			a.basic = true
+			a.mu.Unlock()
+			return !already, nil
+		}
+	}
+	return false, nil
+}
+
+// token returns a cached token for scope or fetches one; concurrent callers
+// for one scope share the fetch.
+func (a *authenticator) token(ctx context.Context, c *challenge, scope string) (string, error) {
+	a.mu.Lock()
+	t, ok := a.tokens[scope]
+	a.mu.Unlock()
+	if ok && time.Now().Before(t.expires) {
+		return t.value, nil
+	}
+	v, err, _ := a.fetches.Do(scope, func() (any, error) {
+		t, err := a.fetchToken(ctx, c, scope)
+		if err != nil {
+			return nil, err
+		}
+		a.mu.Lock()
+		if a.tokens == nil {
+			a.tokens = map[string]token{}
+		}
+		a.tokens[scope] = t
+		a.mu.Unlock()
+		return t.value, nil
+	})
+	if err != nil {
+		return "", err
+	}
+	return v.(string), nil
+}
+
+func (a *authenticator) fetchToken(ctx context.Context, c *challenge, scope string) (token, error) {
+	realm, err := url.Parse(c.params["realm"])
+	if err != nil || (realm.Scheme != "http" && realm.Scheme != "https") {
+		return token{}, fmt.Errorf("%w: bad token realm %q", ErrInvalidResponse, c.params["realm"])
+	}
+	q := realm.Query()
+	if s := c.params["service"]; s != "" {
+		q.Set("service", s)
+	}
+	q.Set("scope", scope)
+	realm.RawQuery = q.Encode()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, realm.String(), nil)
+	if err != nil {
+		return token{}, err
+	}
+	req.Header.Set("User-Agent", a.userAgent)
+	// Credentials go to the realm the upstream names (Docker Hub's is
+	// auth.docker.io), but never in clear text to another host.
+	if a.creds.Username != "" && (realm.Scheme == "https" || realm.Host == a.upstreamHost) {
+		req.SetBasicAuth(a.creds.Username, a.creds.Password)
+	}
+	resp, err := a.hc.Do(req)
+	if err != nil {
+		return token{}, fmt.Errorf("%w: token: %v", ErrUnavailable, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxMetadata))
+	if err != nil {
+		return token{}, fmt.Errorf("%w: token: %v", ErrUnavailable, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return token{}, &StatusError{Method: http.MethodGet, URL: realm.Redacted(), Status: resp.StatusCode, Header: resp.Header, Body: capBody(body)}
+	}
+	var tr struct {
+		Token       string `json:"token"`
+		AccessToken string `json:"access_token"`
+		ExpiresIn   int    `json:"expires_in"`
+		IssuedAt    string `json:"issued_at"`
+	}
+	if err := json.Unmarshal(body, &tr); err != nil {
+		return token{}, fmt.Errorf("%w: token response: %v", ErrInvalidResponse, err)
+	}
+	v := tr.Token
+	if v == "" {
+		v = tr.AccessToken
+	}
+	if v == "" {
+		return token{}, fmt.Errorf("%w: token response has no token", ErrInvalidResponse)
+	}
+	life := defaultTokenLifetime
+	if tr.ExpiresIn > 0 {
+		life = time.Duration(tr.ExpiresIn) * time.Second
+	}
+	// Renew a little early so a token does not expire in flight.
+	margin := min(life/10, 10*time.Second)
+	return token{value: v, expires: time.Now().Add(life - margin)}, nil
+}
+
+// parseChallenges parses WWW-Authenticate values such as
+// `Bearer realm="https://auth.example/token",service="reg",scope="repository:a:pull"`.
+func parseChallenges(values []string) []challenge {
+	var out []challenge
+	for _, v := range values {
+		v = strings.TrimSpace(v)
+		scheme, rest, _ := strings.Cut(v, " ")
+		if scheme == "" {
+			continue
+		}
+		c := challenge{scheme: strings.ToLower(scheme), params: map[string]string{}}
+		for rest = strings.TrimSpace(rest); rest != ""; {
+			var key string
+			key, rest, _ = strings.Cut(rest, "=")
+			key = strings.ToLower(strings.TrimSpace(key))
+			var val string
+			if strings.HasPrefix(rest, `"`) {
+				val, rest = readQuoted(rest[1:])
+			} else {
+				val, rest, _ = strings.Cut(rest, ",")
+				val = strings.TrimSpace(val)
+			}
+			if key != "" {
+				c.params[key] = val
+			}
+			rest = strings.TrimLeft(rest, " ,")
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+// readQuoted reads a quoted-string body (after the opening quote) and
+// returns it unescaped with what follows the closing quote.
+func readQuoted(s string) (string, string) {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		switch s[i] {
+		case '\\':
+			if i+1 < len(s) {
+				i++
+				b.WriteByte(s[i])
+			}
+		case '"':
+			return b.String(), s[i+1:]
+		default:
+			b.WriteByte(s[i])
+		}
+	}
+	return b.String(), ""
+}
+
+// DockerConfigCredentials reads the credentials for registry host from a
+// Docker config.json (the "auths" section; credential helpers are not run).
+func DockerConfigCredentials(path, host string) (Credentials, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Credentials{}, err
+	}
+	var cfg struct {
+		Auths map[string]struct {
+			Auth          string `json:"auth"`
+			Username      string `json:"username"`
+			Password      string `json:"password"`
+			RegistryToken string `json:"registrytoken"`
+		} `json:"auths"`
+	}
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		return Credentials{}, fmt.Errorf("%s: %w", path, err)
+	}
+	keys := []string{host, "https://" + host, "http://" + host, "https://" + host + "/v1/", "https://" + host + "/v2/"}
+	if host == "docker.io" {
+		keys = append(keys, "https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io")
+	}
+	for _, k := range keys {
+		e, ok := cfg.Auths[k]
+		if !ok {
+			continue
+		}
+		if e.RegistryToken != "" {
+			return Credentials{Token: e.RegistryToken}, nil
+		}
+		c := Credentials{Username: e.Username, Password: e.Password}
+		if e.Auth != "" {
+			raw, err := base64.StdEncoding.DecodeString(e.Auth)
+			if err != nil {
+				return Credentials{}, fmt.Errorf("%s: auths[%q].auth is not base64", path, k)
+			}
+			c.Username, c.Password, _ = strings.Cut(string(raw), ":")
+		}
+		if c.Username == "" {
+			return Credentials{}, fmt.Errorf("%s: auths[%q] has no username and password (identity tokens and credential helpers are not supported)", path, k)
+		}
+		return c, nil
+	}
+	return Credentials{}, fmt.Errorf("%s: no credentials for %s", path, host)
+}
+
+func capBody(b []byte) []byte {
+	if len(b) > 4096 {
+		return b[:4096]
+	}
+	return b
+}
