@@ -170,7 +170,7 @@ func (s *Server) headBlob(w http.ResponseWriter, r *http.Request, q *request) er
 	}
 	ctx, cancel := context.WithTimeout(ctx, upstreamFetchTimeout)
 	defer cancel()
-	resp, err := q.up.client.Blob(ctx, http.MethodHead, q.repo, q.dgst, 0)
+	resp, err := q.up.client.Blob(ctx, http.MethodHead, q.repo, q.dgst, 0, 0)
 	if err != nil {
 		return err
 	}

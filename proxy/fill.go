@@ -108,7 +108,7 @@ func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState, re
 	log := s.log.With("upstream", up.name, "repo", repo, "digest", f.digest)
 	start := time.Now()
 
-	resp, err := up.client.Blob(ctx, http.MethodGet, repo, f.digest, 0)
+	resp, err := up.client.Blob(ctx, http.MethodGet, repo, f.digest, 0, 0)
 	if err == nil && resp.StatusCode != http.StatusOK {
 		resp.Body.Close()
 		err = fmt.Errorf("%w: blob GET answered %d", upstream.ErrInvalidResponse, resp.StatusCode)
@@ -186,7 +186,7 @@ func (s *Server) copyBlob(ctx context.Context, f *blobFill, up *upstreamState, r
 		body.Close()
 		body = nil
 		s.log.Debug("blob body broke; resuming", "upstream", up.name, "digest", f.digest, "offset", written, "err", err)
-		next, rerr := up.client.Blob(ctx, http.MethodGet, repo, f.digest, written)
+		next, rerr := up.client.Blob(ctx, http.MethodGet, repo, f.digest, written, f.size)
 		if rerr != nil {
 			return written, rerr
 		}

@@ -109,6 +109,9 @@ func (q *request) parseReference(ref string) error {
 // parseDigest accepts sha256 and sha512 digests only.
 func parseDigest(s string) (digest.Digest, error) {
 	d := digest.Digest(s)
+	if !strings.Contains(s, ":") {
+		return "", ErrDigestInvalid(map[string]string{"digest": s, "reason": "want algorithm:hex"})
+	}
 	switch d.Algorithm() {
 	case digest.SHA256, digest.SHA512:
 	default:

@@ -377,11 +377,17 @@ func (c *Client) Manifest(ctx context.Context, method, repo, ref string) (*http.
 		Header: http.Header{"Accept": {ManifestAccept}}})
 }
 
-// Blob fetches (GET) or checks (HEAD) a blob, from offset on when offset > 0.
-func (c *Client) Blob(ctx context.Context, method, repo string, d digest.Digest, offset int64) (*http.Response, error) {
+// Blob fetches (GET) or checks (HEAD) a blob. With offset > 0 it asks for
+// the rest from offset; when the size is known (size > 0) the range is
+// closed, which registries that only parse "bytes=a-b" understand too.
+func (c *Client) Blob(ctx context.Context, method, repo string, d digest.Digest, offset, size int64) (*http.Response, error) {
 	r := Request{Method: method, Repo: repo, Path: "blobs/" + d.String()}
 	if offset > 0 {
-		r.Header = http.Header{"Range": {"bytes=" + strconv.FormatInt(offset, 10) + "-"}}
+		rng := "bytes=" + strconv.FormatInt(offset, 10) + "-"
+		if size > 0 {
+			rng += strconv.FormatInt(size-1, 10)
+		}
+		r.Header = http.Header{"Range": {rng}}
 	}
 	return c.Do(ctx, r)
 }

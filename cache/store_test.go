@@ -1,0 +1,412 @@
+package cache_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/ocimirror/ocimirror/cache"
+)
+
+// small chunks make every blob span several, so chunk edges are exercised.
+const testChunk = 1000
+
+type storeCase struct {
+	name string
+	// open opens the store at dir; reopening the same dir is a restart.
+	open func(t *testing.T, dir string) (cache.Store, func())
+}
+
+func stores() []storeCase {
+	openBadger := func(t *testing.T, dir string) (*cache.Badger, func()) {
+		b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir, ChunkSize: testChunk})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b, func() {
+			if err := b.Close(); err != nil {
+				t.Errorf("close: %v", err)
+			}
+		}
+	}
+	return []storeCase{
+		{"badger", func(t *testing.T, dir string) (cache.Store, func()) { return openBadger(t, dir) }},
+		{"lru", func(t *testing.T, dir string) (cache.Store, func()) {
+			b, closeFn := openBadger(t, dir)
+			l, err := cache.NewLRU(b, 4, 4)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return l, closeFn
+		}},
+	}
+}
+
+func randomBytes(n int) []byte {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return b
+}
+
+func writeBlob(t *testing.T, s cache.Store, data []byte) digest.Digest {
+	t.Helper()
+	ctx := context.Background()
+	w, err := s.CreateBlob(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Write in uneven pieces to cross chunk edges.
+	for rest := data; len(rest) > 0; {
+		n := min(len(rest), 777)
+		if _, err := w.Write(rest[:n]); err != nil {
+			t.Fatal(err)
+		}
+		rest = rest[n:]
+	}
+	d := digest.FromBytes(data)
+	if err := w.Commit(ctx, d, int64(len(data))); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func readBlob(t *testing.T, s cache.Store, d digest.Digest) []byte {
+	t.Helper()
+	r, err := s.OpenBlob(context.Background(), d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := io.ReadAll(io.NewSectionReader(r, 0, r.Size()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func TestStore(t *testing.T) {
+	for _, sc := range stores() {
+		t.Run(sc.name, func(t *testing.T) {
+			ctx := context.Background()
+
+			t.Run("blob round trip", func(t *testing.T) {
+				s, closeFn := sc.open(t, t.TempDir())
+				defer closeFn()
+				for _, size := range []int{0, 1, testChunk - 1, testChunk, testChunk + 1, 10*testChunk + 3} {
+					data := randomBytes(size)
+					d := writeBlob(t, s, data)
+					info, err := s.StatBlob(ctx, d)
+					if err != nil || info.Size != int64(size) {
+						t.Fatalf("size %d: stat %v %v", size, info, err)
+					}
+					if got := readBlob(t, s, d); !bytes.Equal(got, data) {
+						t.Fatalf("size %d: bytes differ", size)
+					}
+				}
+			})
+
+			t.Run("ReadAt at every offset", func(t *testing.T) {
+				s, closeFn := sc.open(t, t.TempDir())
+				defer closeFn()
+				data := randomBytes(3*testChunk + 17)
+				d := writeBlob(t, s, data)
+				r, err := s.OpenBlob(ctx, d)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, off := range []int{0, 1, testChunk - 1, testChunk, 2*testChunk + 500, len(data) - 1} {
+					for _, n := range []int{1, 10, testChunk, 2 * testChunk} {
+						buf := make([]byte, n)
+						got, err := r.ReadAt(buf, int64(off))
+						want := min(n, len(data)-off)
+						if got != want || !bytes.Equal(buf[:got], data[off:off+got]) {
+							t.Fatalf("ReadAt(%d, %d) = %d, want %d", n, off, got, want)
+						}
+						if got < n && !errors.Is(err, io.EOF) {
+							t.Fatalf("short ReadAt without EOF: %v", err)
+						}
+					}
+				}
+				if _, err := r.ReadAt(make([]byte, 1), int64(len(data))); !errors.Is(err, io.EOF) {
+					t.Fatalf("ReadAt at the end: %v", err)
+				}
+			})
+
+			t.Run("uncommitted blob is invisible", func(t *testing.T) {
+				s, closeFn := sc.open(t, t.TempDir())
+				defer closeFn()
+				data := randomBytes(5 * testChunk)
+				d := digest.FromBytes(data)
+				w, err := s.CreateBlob(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				_, _ = w.Write(data)
+				if _, err := s.StatBlob(ctx, d); !errors.Is(err, cache.ErrNotFound) {
+					t.Fatalf("stat before commit: %v", err)
+				}
+				// The writer's own readers see what is flushed.
+				if w.Flushed() != 5*testChunk {
+					t.Fatalf("flushed %d", w.Flushed())
+				}
+				buf := make([]byte, testChunk)
+				if _, err := w.ReadAt(buf, testChunk); err != nil || !bytes.Equal(buf, data[testChunk:2*testChunk]) {
+					t.Fatalf("writer ReadAt: %v", err)
+				}
+				if err := w.Cancel(ctx); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := s.StatBlob(ctx, d); !errors.Is(err, cache.ErrNotFound) {
+					t.Fatalf("stat after cancel: %v", err)
+				}
+				if _, err := w.Write([]byte("x")); !errors.Is(err, cache.ErrWriterDone) {
+					t.Fatalf("write after cancel: %v", err)
+				}
+			})
+
+			t.Run("commit checks the length", func(t *testing.T) {
+				s, closeFn := sc.open(t, t.TempDir())
+				defer closeFn()
+				w, _ := s.CreateBlob(ctx)
+				_, _ = w.Write([]byte("abc"))
+				if err := w.Commit(ctx, digest.FromString("abc"), 4); err == nil {
+					t.Fatal("commit with a wrong length succeeded")
+				}
+			})
+
+			t.Run("concurrent readers follow a writer", func(t *testing.T) {
+				s, closeFn := sc.open(t, t.TempDir())
+				defer closeFn()
+				data := randomBytes(50 * testChunk)
+				w, _ := s.CreateBlob(ctx)
+				var wg sync.WaitGroup
+				errs := make(chan error, 4)
+				for i := 0; i < 4; i++ {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						var got []byte
+						buf := make([]byte, 333)
+						for deadline := time.Now().Add(10 * time.Second); len(got) < len(data) && time.Now().Before(deadline); {
+							if f := w.Flushed(); int64(len(got)) < f {
+								n := min(int64(len(buf)), f-int64(len(got)))
+								if _, err := w.ReadAt(buf[:n], int64(len(got))); err != nil {
+									errs <- err
+									return
+								}
+								got = append(got, buf[:n]...)
+							}
+						}
+						if !bytes.Equal(got, data) {
+							errs <- fmt.Errorf("reader got %d bytes, differing", len(got))
+						}
+					}()
+				}
+				for rest := data; len(rest) > 0; rest = rest[min(len(rest), 100):] {
+					_, _ = w.Write(rest[:min(len(rest), 100)])
+				}
+				if err := w.Commit(ctx, digest.FromBytes(data), int64(len(data))); err != nil {
+					t.Fatal(err)
+				}
+				wg.Wait()
+				close(errs)
+				for err := range errs {
+					t.Error(err)
+				}
+			})
+
+			t.Run("manifests and tags", func(t *testing.T) {
+				s, closeFn := sc.open(t, t.TempDir())
+				defer closeFn()
+				body := []byte(`{"schemaVersion":2}`)
+				m := cache.Manifest{Digest: digest.FromBytes(body), MediaType: "application/vnd.oci.image.manifest.v1+json", Data: body}
+				if _, err := s.GetManifest(ctx, m.Digest); !errors.Is(err, cache.ErrNotFound) {
+					t.Fatalf("unknown manifest: %v", err)
+				}
+				if err := s.PutManifest(ctx, m); err != nil {
+					t.Fatal(err)
+				}
+				got, err := s.GetManifest(ctx, m.Digest)
+				if err != nil || got.MediaType != m.MediaType || !bytes.Equal(got.Data, body) || got.Digest != m.Digest {
+					t.Fatalf("manifest: %+v %v", got, err)
+				}
+				k := cache.TagKey{Upstream: "docker.io", Repo: "library/alpine", Tag: "3"}
+				other := cache.TagKey{Upstream: "ghcr.io", Repo: "library/alpine", Tag: "3"}
+				e := cache.TagEntry{Digest: m.Digest, MediaType: m.MediaType, Size: 19, CheckedAt: time.Unix(1700000000, 123)}
+				if err := s.PutTag(ctx, k, e); err != nil {
+					t.Fatal(err)
+				}
+				if got, err := s.GetTag(ctx, k); err != nil || got != e {
+					t.Fatalf("tag: %+v %v", got, err)
+				}
+				if _, err := s.GetTag(ctx, other); !errors.Is(err, cache.ErrNotFound) {
+					t.Fatalf("tag of another upstream: %v", err)
+				}
+				if err := s.DeleteTag(ctx, k); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := s.GetTag(ctx, k); !errors.Is(err, cache.ErrNotFound) {
+					t.Fatalf("deleted tag: %v", err)
+				}
+			})
+
+			t.Run("restart", func(t *testing.T) {
+				dir := t.TempDir()
+				s, closeFn := sc.open(t, dir)
+				data := randomBytes(7*testChunk + 5)
+				d := writeBlob(t, s, data)
+				body := []byte(`{"mediaType":"x"}`)
+				m := cache.Manifest{Digest: digest.FromBytes(body), MediaType: "x", Data: body}
+				_ = s.PutManifest(ctx, m)
+				k := cache.TagKey{Upstream: "u", Repo: "r", Tag: "t"}
+				e := cache.TagEntry{Digest: m.Digest, MediaType: "x", Size: int64(len(body)), CheckedAt: time.Unix(42, 0)}
+				_ = s.PutTag(ctx, k, e)
+				w, _ := s.CreateBlob(ctx) // never committed
+				_, _ = w.Write(randomBytes(3 * testChunk))
+				closeFn()
+
+				s, closeFn = sc.open(t, dir)
+				defer closeFn()
+				if got := readBlob(t, s, d); !bytes.Equal(got, data) {
+					t.Fatal("blob lost in restart")
+				}
+				if got, err := s.GetManifest(ctx, m.Digest); err != nil || !bytes.Equal(got.Data, body) {
+					t.Fatalf("manifest lost in restart: %v", err)
+				}
+				if got, err := s.GetTag(ctx, k); err != nil || got != e {
+					t.Fatalf("tag lost in restart: %+v %v", got, err)
+				}
+			})
+		})
+	}
+}
+
+func TestBadger_LastAccess(t *testing.T) {
+	dir := t.TempDir()
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := writeBlob(t, b, []byte("hello"))
+	before := time.Now().Add(-time.Second)
+	if got := b.LastAccess(d); got.Before(before) {
+		t.Fatalf("last access after commit: %v", got)
+	}
+	b.Close()
+	b, err = cache.OpenBadger(cache.BadgerOptions{Path: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if got := b.LastAccess(d); got.Before(before) {
+		t.Fatalf("last access after restart: %v", got)
+	}
+}
+
+// TestBadger_KilledMidFill kills a process with SIGKILL while it writes a
+// blob, then opens its store: the blob is not visible and its chunks are
+// swept.
+func TestBadger_KilledMidFill(t *testing.T) {
+	if dir := os.Getenv("OCIMIRROR_KILL_CHILD_DIR"); dir != "" {
+		killChild(dir)
+		return
+	}
+	dir := t.TempDir()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestBadger_KilledMidFill$")
+	cmd.Env = append(os.Environ(), "OCIMIRROR_KILL_CHILD_DIR="+dir)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// The child prints the committed blob's digest, then "filling" once it
+	// has written part of the second blob.
+	var committed, filling string
+	if _, err := fmt.Fscanln(out, &committed); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fmt.Fscanln(out, &filling); err != nil || filling == "" {
+		t.Fatal(err)
+	}
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir, ChunkSize: testChunk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	ctx := context.Background()
+	if _, err := b.StatBlob(ctx, digest.Digest(committed)); err != nil {
+		t.Fatalf("committed blob lost: %v", err)
+	}
+	if _, err := b.StatBlob(ctx, digest.Digest(filling)); !errors.Is(err, cache.ErrNotFound) {
+		t.Fatalf("blob killed mid-fill is visible: %v", err)
+	}
+	// Its chunks were swept at open: a new blob can take their place and
+	// the store holds exactly the committed blob's chunks.
+	if n := b.ChunkCount(); n != 3 {
+		t.Errorf("chunks after sweep: %d, want 3 (the committed blob's)", n)
+	}
+}
+
+func killChild(dir string) {
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir, ChunkSize: testChunk})
+	if err != nil {
+		panic(err)
+	}
+	ctx := context.Background()
+	data := randomBytes(3 * testChunk)
+	w, _ := b.CreateBlob(ctx)
+	_, _ = w.Write(data)
+	d := digest.FromBytes(data)
+	if err := w.Commit(ctx, d, int64(len(data))); err != nil {
+		panic(err)
+	}
+	fmt.Println(d)
+	w, _ = b.CreateBlob(ctx)
+	big := randomBytes(100 * testChunk)
+	_, _ = w.Write(big[:50*testChunk])
+	fmt.Println(digest.FromBytes(big))
+	for i := 0; ; i++ { // keep writing until killed
+		_, _ = w.Write(big[50*testChunk+i%testChunk : 50*testChunk+i%testChunk+1])
+		time.Sleep(time.Millisecond)
+		if i > 1e6 {
+			os.Exit(3)
+		}
+	}
+}
+
+func TestLRU_ServesFromMemory(t *testing.T) {
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, _ := cache.NewLRU(b, 2, 2)
+	ctx := context.Background()
+	body := []byte("{}")
+	m := cache.Manifest{Digest: digest.FromBytes(body), MediaType: "x", Data: body}
+	_ = l.PutManifest(ctx, m)
+	k := cache.TagKey{Upstream: "u", Repo: "r", Tag: strconv.Itoa(1)}
+	_ = l.PutTag(ctx, k, cache.TagEntry{Digest: m.Digest})
+	// With the store closed, what is hot is still answered.
+	b.Close()
+	if got, err := l.GetManifest(ctx, m.Digest); err != nil || !bytes.Equal(got.Data, body) {
+		t.Fatalf("manifest from memory: %v", err)
+	}
+	if got, err := l.GetTag(ctx, k); err != nil || got.Digest != m.Digest {
+		t.Fatalf("tag from memory: %v", err)
+	}
+}

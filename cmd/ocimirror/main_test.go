@@ -1,0 +1,156 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ocimirror/ocimirror/internal/registrytest"
+)
+
+// syncBuffer is a bytes.Buffer safe for the server's log and the test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func TestRun_Help(t *testing.T) {
+	tests := []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"--help"}, 0, "ocimirror serve"},
+		{[]string{"help"}, 0, "ocimirror serve"},
+		{[]string{"help", "serve"}, 0, "-upstream NAME=URL"},
+		{[]string{"serve", "--help"}, 0, "-default-upstream"},
+		{[]string{"serve", "-h"}, 0, "-config file"},
+		{[]string{"version", "--help"}, 0, "Usage: ocimirror version"},
+		{[]string{"version"}, 0, "ocimirror dev"},
+		{[]string{}, 2, ""},
+		{[]string{"bogus"}, 2, ""},
+		{[]string{"serve", "--bogus"}, 2, ""},
+		{[]string{"serve", "extra"}, 2, ""},
+		{[]string{"serve", "--upstream", "noequals"}, 2, ""},
+	}
+	for _, tc := range tests {
+		var stdout, stderr bytes.Buffer
+		code := run(context.Background(), tc.args, &stdout, &stderr)
+		if code != tc.code || !strings.Contains(stdout.String(), tc.want) {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q", tc.args, code, stdout.String(), stderr.String())
+		}
+	}
+}
+
+func TestRun_BadConfigNamesFieldAndValue(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "c.yaml")
+	os.WriteFile(path, []byte("upstreams:\n  - name: a.io\n    tagTTL: soon\n"), 0o600)
+	var stdout, stderr bytes.Buffer
+	code := run(context.Background(), []string{"serve", "--config", path}, &stdout, &stderr)
+	if code != 1 || !strings.Contains(stderr.String(), `upstreams[0].tagTTL: invalid duration "soon"`) {
+		t.Fatalf("exit %d, stderr %q", code, stderr.String())
+	}
+	code = run(context.Background(), []string{"serve", "--default-upstream", "nowhere.io"}, &stdout, &stderr)
+	if code != 1 || !strings.Contains(stderr.String(), `defaultUpstream: "nowhere.io"`) {
+		t.Fatalf("exit %d, stderr %q", code, stderr.String())
+	}
+}
+
+var listenRE = regexp.MustCompile(`ocimirror listening"?,? ?"?addr"?[=:]"?([^"\s,]+)`)
+
+// serveProcess runs "ocimirror serve" in-process until the test stops it.
+func serveProcess(t *testing.T, args ...string) (addr string, stop func() (int, string)) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	var log syncBuffer
+	done := make(chan int, 1)
+	go func() { done <- run(ctx, append([]string{"serve", "--listen", "127.0.0.1:0"}, args...), io.Discard, &log) }()
+	for i := 0; i < 500 && addr == ""; i++ {
+		if m := listenRE.FindStringSubmatch(log.String()); m != nil {
+			addr = m[1]
+		}
+		select {
+		case code := <-done:
+			t.Fatalf("serve exited with %d: %s", code, log.String())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	if addr == "" {
+		cancel()
+		t.Fatalf("serve did not start: %s", log.String())
+	}
+	stopped := false
+	stop = func() (int, string) {
+		if stopped {
+			return 0, log.String()
+		}
+		stopped = true
+		cancel()
+		select {
+		case code := <-done:
+			return code, log.String()
+		case <-time.After(30 * time.Second):
+			t.Fatal("serve did not stop")
+		}
+		return -1, ""
+	}
+	t.Cleanup(func() { stop() })
+	return addr, stop
+}
+
+func TestServe_PullRestartAndShutdown(t *testing.T) {
+	reg := registrytest.New(t)
+	img := reg.PushImage(t, "team/app", "v1", 100_000)
+	data := t.TempDir()
+	args := []string{"--data", data, "--upstream", reg.Host + "=" + reg.URL, "--default-upstream", reg.Host, "--log-format", "json"}
+
+	addr, stop := serveProcess(t, args...)
+	for _, path := range []string{"/v2/team/app/manifests/v1", "/v2/team/app/blobs/" + img.LayerDigests[0].String()} {
+		resp, err := http.Get("http://" + addr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("%s: %d", path, resp.StatusCode)
+		}
+	}
+	code, log := stop()
+	if code != 0 || !strings.Contains(log, `"msg":"shutting down"`) || !strings.Contains(log, `"cache":"miss"`) {
+		t.Fatalf("exit %d, log:\n%s", code, log)
+	}
+
+	// Restarted on the same data with the upstream gone, it serves the image.
+	reg.Close()
+	addr, _ = serveProcess(t, args...)
+	resp, err := http.Get("http://" + addr + "/v2/team/app/blobs/" + img.LayerDigests[0].String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 || !bytes.Equal(b, img.Layers[0]) {
+		t.Fatalf("after restart: %d", resp.StatusCode)
+	}
+}

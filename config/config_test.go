@@ -1,0 +1,145 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestDefault(t *testing.T) {
+	c := Default()
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if c.Listen != ":5000" || c.Storage.Path != "./ocimirror-data" || c.DefaultUpstream != "docker.io" {
+		t.Errorf("defaults: %+v", c)
+	}
+	var names []string
+	for _, u := range c.Upstreams {
+		names = append(names, u.Name+"="+u.URL)
+		if u.TagTTL.Duration != 5*time.Minute {
+			t.Errorf("%s tagTTL %v", u.Name, u.TagTTL)
+		}
+	}
+	want := "docker.io=https://registry-1.docker.io,ghcr.io=https://ghcr.io,quay.io=https://quay.io,registry.k8s.io=https://registry.k8s.io"
+	if strings.Join(names, ",") != want {
+		t.Errorf("upstreams %s", strings.Join(names, ","))
+	}
+}
+
+func TestParse(t *testing.T) {
+	dir := t.TempDir()
+	dockerCfg := filepath.Join(dir, "config.json")
+	os.WriteFile(dockerCfg, []byte(`{"auths":{}}`), 0o600)
+	c, err := Parse([]byte(`
+listen: "127.0.0.1:6000"
+storage:
+  path: /var/lib/ocimirror
+defaultUpstream: docker.io
+log:
+  format: json
+  level: debug
+upstreams:
+  - name: docker.io
+    url: https://registry-1.docker.io
+    tagTTL: 10m
+    username: me
+    password: secret
+  - name: registry.internal:5000
+    url: http://registry.internal:5000/
+    tagTTL: 30s
+  - name: ghcr.io
+    token: abc
+  - name: quay.io
+    dockerConfig: ` + dockerCfg + `
+    tls:
+      insecureSkipVerify: true
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Listen != "127.0.0.1:6000" || c.Storage.Path != "/var/lib/ocimirror" || c.Log.Format != LogJSON || c.Log.Level != "debug" {
+		t.Errorf("top level: %+v", c)
+	}
+	if len(c.Upstreams) != 4 {
+		t.Fatalf("upstreams: %+v", c.Upstreams)
+	}
+	hub, internal, gh, quay := c.Upstreams[0], c.Upstreams[1], c.Upstreams[2], c.Upstreams[3]
+	if hub.TagTTL.Duration != 10*time.Minute || hub.Username != "me" || hub.Password != "secret" {
+		t.Errorf("docker.io: %+v", hub)
+	}
+	if internal.URL != "http://registry.internal:5000" || internal.TagTTL.Duration != 30*time.Second {
+		t.Errorf("internal: %+v", internal)
+	}
+	if gh.URL != "https://ghcr.io" || gh.Token != "abc" || gh.TagTTL.Duration != DefaultTagTTL {
+		t.Errorf("ghcr.io: %+v", gh)
+	}
+	if !quay.TLS.InsecureSkipVerify || quay.DockerConfig != dockerCfg {
+		t.Errorf("quay.io: %+v", quay)
+	}
+	// Fields the file leaves out keep their defaults.
+	if c.Cache.ManifestEntries != Default().Cache.ManifestEntries || c.ShutdownTimeout.Duration != 30*time.Second {
+		t.Errorf("defaults lost: %+v", c)
+	}
+}
+
+func TestParse_UpstreamListReplacesDefaults(t *testing.T) {
+	c, err := Parse([]byte("upstreams:\n  - name: 127.0.0.1:5002\n    url: http://127.0.0.1:5002\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Upstreams) != 1 || c.DefaultUpstream != "" {
+		t.Errorf("upstreams %+v, default %q", c.Upstreams, c.DefaultUpstream)
+	}
+}
+
+func TestParse_Errors(t *testing.T) {
+	tests := []struct {
+		name, yaml string
+		want       []string // substrings of the error: the field and the value
+	}{
+		{"bad duration", "upstreams:\n  - name: a.io\n    tagTTL: 5x\n", []string{"upstreams[0].tagTTL", `"5x"`}},
+		{"negative duration", "upstreams:\n  - name: a.io\n  - name: b.io\n    tagTTL: -1s\n", []string{"upstreams[1].tagTTL", `"-1s"`}},
+		{"bad url", "upstreams:\n  - name: a.io\n    url: ftp://a.io\n", []string{"upstreams[0].url", `"ftp://a.io"`}},
+		{"bad name", "upstreams:\n  - name: https://a.io\n", []string{"upstreams[0].name", `"https://a.io"`}},
+		{"duplicate", "upstreams:\n  - name: a.io\n  - name: a.io\n", []string{"upstreams[1].name", `"a.io"`}},
+		{"unknown default", "defaultUpstream: nope.io\n", []string{"defaultUpstream", `"nope.io"`}},
+		{"bad listen", "listen: 5000\n", []string{"listen", `"5000"`}},
+		{"unknown field", "upstreams:\n  - name: a.io\n    tagTtl: 5m\n", []string{"tagTtl"}},
+		{"bad log format", "log:\n  format: xml\n", []string{"log.format", `"xml"`}},
+		{"token and password", "upstreams:\n  - name: a.io\n    token: t\n    username: u\n", []string{"upstreams[0].token"}},
+		{"password without user", "upstreams:\n  - name: a.io\n    password: p\n", []string{"upstreams[0].username"}},
+		{"missing ca file", "upstreams:\n  - name: a.io\n    tls:\n      caFile: /nonexistent.pem\n", []string{"upstreams[0].tls.caFile", "/nonexistent.pem"}},
+		{"missing docker config", "upstreams:\n  - name: a.io\n    dockerConfig: /nonexistent.json\n", []string{"upstreams[0].dockerConfig", "/nonexistent.json"}},
+		{"tls half", "tls:\n  certFile: a.pem\n", []string{"tls", "a.pem"}},
+		{"bad entries", "cache:\n  manifestEntries: -1\n", []string{"cache.manifestEntries", "-1"}},
+		{"not yaml", "listen: [\n", []string{"yaml"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse([]byte(tc.yaml))
+			if err == nil {
+				t.Fatal("no error")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not name %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestSetUpstream(t *testing.T) {
+	c := Default()
+	c.SetUpstream("docker.io", "http://127.0.0.1:1")
+	c.SetUpstream("127.0.0.1:5002", "http://127.0.0.1:5002")
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if c.Upstream("docker.io").URL != "http://127.0.0.1:1" || c.Upstream("127.0.0.1:5002") == nil || len(c.Upstreams) != 5 {
+		t.Errorf("%+v", c.Upstreams)
+	}
+}
