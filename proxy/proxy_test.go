@@ -90,13 +90,13 @@ func TestProxy_DockerHubLibrary(t *testing.T) {
 	e, _ := start(t, withUpstream(upstreamDef{name: "docker.io", reg: hub}), withDefault("docker.io"))
 	img := hub.PushImage(t, "library/alpine", "3", 10)
 	for _, path := range []string{
-		"/v2/alpine/manifests/3",                              // Docker's registry-mirrors, no library/
-		"/v2/library/alpine/manifests/3",                      // Docker's registry-mirrors as it really sends
-		"/v2/alpine/manifests/3?ns=docker.io",                 // containerd
-		"/v2/library/alpine/manifests/3?ns=index.docker.io",   // containerd with Docker Hub's other name
-		"/v2/docker.io/alpine/manifests/3",                    // prefix
-		"/v2/alpine/blobs/" + img.LayerDigests[0].String(),    // blob, short name
-		"/v2/library/alpine/blobs/" + img.Digest.String(),     // manifest digest is not a blob
+		"/v2/alpine/manifests/3",                            // Docker's registry-mirrors, no library/
+		"/v2/library/alpine/manifests/3",                    // Docker's registry-mirrors as it really sends
+		"/v2/alpine/manifests/3?ns=docker.io",               // containerd
+		"/v2/library/alpine/manifests/3?ns=index.docker.io", // containerd with Docker Hub's other name
+		"/v2/docker.io/alpine/manifests/3",                  // prefix
+		"/v2/alpine/blobs/" + img.LayerDigests[0].String(),  // blob, short name
+		"/v2/library/alpine/blobs/" + img.Digest.String(),   // manifest digest is not a blob
 	} {
 		r := e.get(path)
 		want := img.Manifest

@@ -84,7 +84,9 @@ func serveProcess(t *testing.T, args ...string) (addr string, stop func() (int, 
 	ctx, cancel := context.WithCancel(context.Background())
 	var log syncBuffer
 	done := make(chan int, 1)
-	go func() { done <- run(ctx, append([]string{"serve", "--listen", "127.0.0.1:0"}, args...), io.Discard, &log) }()
+	go func() {
+		done <- run(ctx, append([]string{"serve", "--listen", "127.0.0.1:0"}, args...), io.Discard, &log)
+	}()
 	for i := 0; i < 500 && addr == ""; i++ {
 		if m := listenRE.FindStringSubmatch(log.String()); m != nil {
 			addr = m[1]
