@@ -49,7 +49,7 @@ type upstreamDef struct {
 // env is ocimirror on a real Badger store in a temporary directory, in front
 // of in-process registries, served on 127.0.0.1.
 type env struct {
-	t           *testing.T
+	t           testing.TB
 	dir         string
 	clock       *clock
 	upstreams   []upstreamDef
@@ -70,7 +70,7 @@ func withDefault(name string) option    { return func(e *env) { e.defaultName = 
 
 // start runs ocimirror. Without options it has one upstream, a fresh
 // registry named by its host:port, which is also the default.
-func start(t *testing.T, opts ...option) (*env, *registrytest.Registry) {
+func start(t testing.TB, opts ...option) (*env, *registrytest.Registry) {
 	t.Helper()
 	e := &env{t: t, dir: t.TempDir(), clock: &clock{now: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}}
 	for _, o := range opts {
@@ -193,7 +193,7 @@ func errorCode(t *testing.T, body []byte) string {
 	return b.Errors[0].Code
 }
 
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	if os.Getenv("OCIMIRROR_TEST_LOG") != "" {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}

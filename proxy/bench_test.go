@@ -1,0 +1,77 @@
+package proxy_test
+
+import (
+	"net/http"
+	"testing"
+
+	v1 "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/ocimirror/ocimirror/internal/registrytest"
+)
+
+// discard is a ResponseWriter that keeps nothing, so a benchmark measures
+// the server's work and not a recorder's buffer.
+type discard struct{ h http.Header }
+
+func (d *discard) Header() http.Header         { return d.h }
+func (d *discard) Write(p []byte) (int, error) { return len(p), nil }
+func (d *discard) WriteHeader(int)             {}
+
+// benchServe measures serving a cached path: setup pushes content upstream
+// and names the path; one request warms the cache, then the handler is
+// driven directly from parallel goroutines.
+func benchServe(b *testing.B, setup func(reg *registrytest.Registry) (path string, size int64)) {
+	e, reg := start(b)
+	path, size := setup(reg)
+	const accept = v1.MediaTypeImageManifest + ", " + v1.MediaTypeImageIndex
+	if r := e.get(path, "Accept: "+accept); r.status != 200 {
+		b.Fatalf("warm-up: %d %s", r.status, r.body)
+	}
+	h := e.srv.Handler()
+	if size > 0 {
+		b.SetBytes(size)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		req, _ := http.NewRequest(http.MethodGet, path, nil)
+		req.Header.Set("Accept", accept)
+		w := &discard{h: http.Header{}}
+		for pb.Next() {
+			clear(w.h)
+			h.ServeHTTP(w, req)
+		}
+	})
+	b.StopTimer()
+	if n := reg.Count("GET", "blobs") + reg.Count("GET", "manifests"); n > 1 {
+		b.Fatalf("%d upstream GETs while serving from cache", n)
+	}
+}
+
+func BenchmarkServeManifestByTag(b *testing.B) {
+	benchServe(b, func(reg *registrytest.Registry) (string, int64) {
+		reg.PushImage(b, "app", "v1", 10)
+		return "/v2/app/manifests/v1", 0
+	})
+}
+
+func BenchmarkServeManifestByDigest(b *testing.B) {
+	benchServe(b, func(reg *registrytest.Registry) (string, int64) {
+		img := reg.PushImage(b, "app", "v1", 10)
+		return "/v2/app/manifests/" + img.Digest.String(), 0
+	})
+}
+
+func BenchmarkServeBlob1MiB(b *testing.B) {
+	benchServe(b, func(reg *registrytest.Registry) (string, int64) {
+		img := reg.PushImage(b, "app", "v1", 1<<20)
+		return "/v2/app/blobs/" + img.LayerDigests[0].String(), 1 << 20
+	})
+}
+
+func BenchmarkServeBlob32MiB(b *testing.B) {
+	benchServe(b, func(reg *registrytest.Registry) (string, int64) {
+		img := reg.PushImage(b, "app", "v1", 32<<20)
+		return "/v2/app/blobs/" + img.LayerDigests[0].String(), 32 << 20
+	})
+}

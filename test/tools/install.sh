@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what the end-to-end tests and the benchmark need, pinned, into
+# .tools/bin (Go-built tools) and through apt-get (Debian packages, when run
+# as root). Safe to run again: present tools are kept.
+#
+#   test/tools/install.sh            everything
+#   test/tools/install.sh registry   only the named Go tools
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bin="$PWD/.tools/bin"
+mkdir -p "$bin"
+
+declare -A modules=(
+  [registry]=github.com/distribution/distribution/v3/cmd/registry@v3.1.2
+  [oras]=oras.land/oras/cmd/oras@v1.3.6
+  [regctl]=github.com/regclient/regclient/cmd/regctl@v0.11.7
+  [crane]=github.com/google/go-containerregistry/cmd/crane@v0.22.1
+)
+wanted=("$@")
+[ ${#wanted[@]} -gt 0 ] || wanted=(registry oras regctl crane)
+for name in "${wanted[@]}"; do
+  if [ -x "$bin/$name" ]; then continue; fi
+  echo "installing $name (${modules[$name]})" >&2
+  GOBIN="$bin" GOFLAGS=-buildvcs=false go install "${modules[$name]}"
+done
+
+if [ $# -eq 0 ]; then
+  packages=()
+  command -v wrk >/dev/null || packages+=(wrk)
+  if [ ${#packages[@]} -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+      echo "installing Debian packages: ${packages[*]}" >&2
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}") >&2
+    else
+      echo "missing: ${packages[*]} (install with: sudo apt-get install -y ${packages[*]})" >&2
+      exit 1
+    fi
+  fi
+fi
