@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/internal/registrytest"
 	"github.com/ocimirror/ocimirror/proxy"
@@ -54,6 +56,7 @@ type env struct {
 	clock       *clock
 	upstreams   []upstreamDef
 	defaultName string
+	tracer      trace.TracerProvider
 
 	badger *cache.Badger
 	store  cache.Store
@@ -67,6 +70,9 @@ type option func(*env)
 
 func withUpstream(u upstreamDef) option { return func(e *env) { e.upstreams = append(e.upstreams, u) } }
 func withDefault(name string) option    { return func(e *env) { e.defaultName = name } }
+func withTracer(tp trace.TracerProvider) option {
+	return func(e *env) { e.tracer = tp }
+}
 
 // start runs ocimirror. Without options it has one upstream, a fresh
 // registry named by its host:port, which is also the default.
@@ -107,14 +113,14 @@ func (e *env) open() {
 			url = u.reg.URL
 		}
 		c, err := upstream.New(upstream.Options{Name: u.name, URL: url, Credentials: u.creds,
-			RetryBackoff: time.Millisecond, MaxAttempts: 2, Logger: testLogger(t)})
+			RetryBackoff: time.Millisecond, MaxAttempts: 2, Logger: testLogger(t), TracerProvider: e.tracer})
 		if err != nil {
 			t.Fatal(err)
 		}
 		ups = append(ups, proxy.Upstream{Client: c, TagTTL: u.ttl})
 	}
 	e.srv, err = proxy.New(proxy.Options{Store: e.store, Upstreams: ups, DefaultUpstream: e.defaultName,
-		Logger: testLogger(t), Clock: e.clock.Now})
+		Logger: testLogger(t), Clock: e.clock.Now, TracerProvider: e.tracer})
 	if err != nil {
 		t.Fatal(err)
 	}

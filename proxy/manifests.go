@@ -289,7 +289,11 @@ func contentType(header string, body []byte) string {
 	}
 	switch {
 	case probe.MediaType != "":
-		return probe.MediaType
+		// It becomes a Content-Type header: it must be a media type.
+		if mt, _, err := mime.ParseMediaType(probe.MediaType); err == nil && mt == probe.MediaType {
+			return mt
+		}
+		return ""
 	case probe.Manifests != nil:
 		return v1.MediaTypeImageIndex
 	case probe.Config != nil:

@@ -162,6 +162,7 @@ func TestContentType(t *testing.T) {
 		{"text/plain", `{"schemaVersion":2,"config":{}}`, "application/vnd.oci.image.manifest.v1+json"},
 		{"", `not json`, ""},
 		{"", `{}`, ""},
+		{"", `{"mediaType":"a/b\r\nX-Evil: 1"}`, ""},
 	}
 	for _, tc := range tests {
 		var body []byte
