@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +16,7 @@ import (
 	"github.com/dgraph-io/badger/v4"
 	"github.com/dgraph-io/badger/v4/options"
 	"github.com/opencontainers/go-digest"
+	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 // Key layout. Every key starts with a one-byte kind.
@@ -25,6 +27,9 @@ import (
 //	a<digest>                  blob last access (unix seconds)
 //	m<digest>                  manifest: media type and bytes
 //	t<upstream>0<repo>0<tag>   tag entry
+//	r<upstream>0<repo>0<subject>0<referrer>   referrer descriptor (JSON)
+//	u<upstream>0<repo>0<subject>   the upstream referrers API's answer
+//	l<repo>0<kind><digest>     a hosted repository's link to content
 const (
 	kindBlob     = 'b'
 	kindChunk    = 'c'
@@ -32,6 +37,9 @@ const (
 	kindAccess   = 'a'
 	kindManifest = 'm'
 	kindTag      = 't'
+	kindReferrer = 'r'
+	kindLink     = 'l'
+	kindUpRefs   = 'u'
 
 	encodingV1 = 1
 )
@@ -308,6 +316,31 @@ func (s *Badger) OpenBlob(_ context.Context, d digest.Digest) (BlobReader, error
 	return &chunkReader{db: s.db, fill: m.fill, chunk: m.chunkSize, size: func() int64 { return m.size }}, nil
 }
 
+// DeleteBlob implements BlobStore.
+func (s *Badger) DeleteBlob(_ context.Context, d digest.Digest) error {
+	m, err := s.blobMeta(d)
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	// Unpublish first, then drop the chunks as an unfinished fill would be.
+	err = s.db.Update(func(txn *badger.Txn) error {
+		if err := txn.Delete(blobKey(d)); err != nil {
+			return err
+		}
+		if err := txn.Delete(accessKey(d)); err != nil {
+			return err
+		}
+		return txn.Set(pendingKey(m.fill), nil)
+	})
+	if err != nil {
+		return err
+	}
+	return s.deleteFill(m.fill)
+}
+
 // Touch implements Toucher. Times are kept in memory and written in batches,
 // so serving a blob costs no write.
 func (s *Badger) Touch(d digest.Digest) {
@@ -482,7 +515,33 @@ func (w *badgerWriter) flush() error {
 
 func (w *badgerWriter) Flushed() int64 { return w.flushed.Load() }
 
-func (w *badgerWriter) ReadAt(p []byte, off int64) (int, error) { return w.reader.ReadAt(p, off) }
+func (w *badgerWriter) Size() int64 { return w.flushed.Load() + int64(len(w.buf)) }
+
+// ReadAt reads flushed chunks; the writing goroutine may also read the
+// unflushed tail.
+func (w *badgerWriter) ReadAt(p []byte, off int64) (int, error) {
+	flushed := w.flushed.Load()
+	if off+int64(len(p)) <= flushed {
+		return w.reader.ReadAt(p, off)
+	}
+	n := 0
+	if off < flushed {
+		m, err := w.reader.ReadAt(p[:flushed-off], off)
+		if err != nil && !errors.Is(err, io.EOF) {
+			return m, err
+		}
+		n = m
+	}
+	tailOff := off + int64(n) - flushed
+	if tailOff >= int64(len(w.buf)) {
+		return n, io.EOF
+	}
+	n += copy(p[n:], w.buf[tailOff:])
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
 
 func (w *badgerWriter) Commit(_ context.Context, d digest.Digest, size int64) error {
 	if w.done.Load() {
@@ -572,6 +631,11 @@ func (s *Badger) PutManifest(_ context.Context, m Manifest) error {
 	return nil
 }
 
+// DeleteManifest implements ManifestStore.
+func (s *Badger) DeleteManifest(_ context.Context, d digest.Digest) error {
+	return s.db.Update(func(txn *badger.Txn) error { return txn.Delete(manifestKey(d)) })
+}
+
 // --- tags ---
 
 func tagKey(k TagKey) []byte {
@@ -590,8 +654,16 @@ func (e TagEntry) encode() []byte {
 	b = appendString(b, string(e.Digest))
 	b = appendString(b, e.MediaType)
 	b = binary.AppendVarint(b, e.Size)
-	return binary.AppendVarint(b, e.CheckedAt.UnixNano())
+	b = binary.AppendVarint(b, e.CheckedAt.UnixNano())
+	var flags byte
+	if e.Local {
+		flags |= tagLocal
+	}
+	return append(b, flags)
 }
+
+// tagLocal is the flag byte's bit for TagEntry.Local.
+const tagLocal = 1
 
 func decodeTagEntry(v []byte) (TagEntry, error) {
 	var e TagEntry
@@ -614,7 +686,11 @@ func decodeTagEntry(v []byte) (TagEntry, error) {
 	if n2 <= 0 {
 		return e, ErrCorrupt
 	}
-	return TagEntry{Digest: digest.Digest(d), MediaType: mt, Size: size, CheckedAt: time.Unix(0, at)}, nil
+	e = TagEntry{Digest: digest.Digest(d), MediaType: mt, Size: size, CheckedAt: time.Unix(0, at)}
+	if flags := rest[n+n2:]; len(flags) > 0 {
+		e.Local = flags[0]&tagLocal != 0
+	}
+	return e, nil
 }
 
 // GetTag implements TagStore.
@@ -645,6 +721,175 @@ func (s *Badger) PutTag(_ context.Context, k TagKey, e TagEntry) error {
 // DeleteTag implements TagStore.
 func (s *Badger) DeleteTag(_ context.Context, k TagKey) error {
 	return s.db.Update(func(txn *badger.Txn) error { return txn.Delete(tagKey(k)) })
+}
+
+// ListTags implements TagLister.
+func (s *Badger) ListTags(_ context.Context, upstream, repo string) ([]Tag, error) {
+	prefix := tagKey(TagKey{Upstream: upstream, Repo: repo})
+	var out []Tag
+	err := s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: true, PrefetchSize: 100})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			item := it.Item()
+			name := string(item.Key()[len(prefix):])
+			err := item.Value(func(v []byte) error {
+				e, err := decodeTagEntry(v)
+				if err == nil {
+					out = append(out, Tag{Name: name, TagEntry: e})
+				}
+				return err
+			})
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// --- referrers ---
+
+func referrerPrefix(k ReferrerKey) []byte {
+	b := make([]byte, 0, 4+len(k.Upstream)+len(k.Repo)+len(k.Subject))
+	b = append(b, kindReferrer)
+	b = append(b, k.Upstream...)
+	b = append(b, 0)
+	b = append(b, k.Repo...)
+	b = append(b, 0)
+	b = append(b, k.Subject...)
+	return append(b, 0)
+}
+
+// PutReferrer implements ReferrerIndex.
+func (s *Badger) PutReferrer(_ context.Context, k ReferrerKey, d v1.Descriptor) error {
+	v, err := json.Marshal(d)
+	if err != nil {
+		return err
+	}
+	key := append(referrerPrefix(k), d.Digest...)
+	return s.db.Update(func(txn *badger.Txn) error { return txn.Set(key, v) })
+}
+
+// DeleteReferrer implements ReferrerIndex.
+func (s *Badger) DeleteReferrer(_ context.Context, k ReferrerKey, referrer digest.Digest) error {
+	key := append(referrerPrefix(k), referrer...)
+	return s.db.Update(func(txn *badger.Txn) error { return txn.Delete(key) })
+}
+
+// ListReferrers implements ReferrerIndex.
+func (s *Badger) ListReferrers(_ context.Context, k ReferrerKey) ([]v1.Descriptor, error) {
+	prefix := referrerPrefix(k)
+	out := []v1.Descriptor{}
+	err := s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: true, PrefetchSize: 100})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			err := it.Item().Value(func(v []byte) error {
+				var d v1.Descriptor
+				if err := json.Unmarshal(v, &d); err != nil {
+					return fmt.Errorf("%w: referrer: %v", ErrCorrupt, err)
+				}
+				out = append(out, d)
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+func upstreamReferrersKey(k ReferrerKey) []byte {
+	key := referrerPrefix(k)
+	key[0] = kindUpRefs
+	return key[:len(key)-1]
+}
+
+// GetUpstreamReferrers implements ReferrerIndex.
+func (s *Badger) GetUpstreamReferrers(_ context.Context, k ReferrerKey) (UpstreamReferrers, error) {
+	var a UpstreamReferrers
+	err := s.db.View(func(txn *badger.Txn) error {
+		item, err := txn.Get(upstreamReferrersKey(k))
+		if err != nil {
+			return err
+		}
+		return item.Value(func(v []byte) error {
+			if len(v) < 1 || v[0] != encodingV1 {
+				return ErrCorrupt
+			}
+			at, n := binary.Varint(v[1:])
+			if n <= 0 {
+				return ErrCorrupt
+			}
+			a.CheckedAt = time.Unix(0, at)
+			if err := json.Unmarshal(v[1+n:], &a.Descriptors); err != nil {
+				return fmt.Errorf("%w: upstream referrers: %v", ErrCorrupt, err)
+			}
+			return nil
+		})
+	})
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return a, ErrNotFound
+	}
+	return a, err
+}
+
+// PutUpstreamReferrers implements ReferrerIndex.
+func (s *Badger) PutUpstreamReferrers(_ context.Context, k ReferrerKey, a UpstreamReferrers) error {
+	ds, err := json.Marshal(a.Descriptors)
+	if err != nil {
+		return err
+	}
+	v := binary.AppendVarint([]byte{encodingV1}, a.CheckedAt.UnixNano())
+	v = append(v, ds...)
+	return s.db.Update(func(txn *badger.Txn) error { return txn.Set(upstreamReferrersKey(k), v) })
+}
+
+// --- hosted repository links ---
+
+func linkKey(repo string, kind LinkKind, d digest.Digest) []byte {
+	b := make([]byte, 0, 3+len(repo)+len(d))
+	b = append(b, kindLink)
+	b = append(b, repo...)
+	b = append(b, 0, byte(kind))
+	return append(b, d...)
+}
+
+// Link implements RepoLinks.
+func (s *Badger) Link(_ context.Context, repo string, kind LinkKind, d digest.Digest) error {
+	return s.db.Update(func(txn *badger.Txn) error { return txn.Set(linkKey(repo, kind, d), nil) })
+}
+
+// Unlink implements RepoLinks.
+func (s *Badger) Unlink(_ context.Context, repo string, kind LinkKind, d digest.Digest) (bool, error) {
+	existed := false
+	err := s.db.Update(func(txn *badger.Txn) error {
+		key := linkKey(repo, kind, d)
+		if _, err := txn.Get(key); errors.Is(err, badger.ErrKeyNotFound) {
+			return nil
+		} else if err != nil {
+			return err
+		}
+		existed = true
+		return txn.Delete(key)
+	})
+	return existed, err
+}
+
+// Linked implements RepoLinks.
+func (s *Badger) Linked(_ context.Context, repo string, kind LinkKind, d digest.Digest) (bool, error) {
+	err := s.db.View(func(txn *badger.Txn) error {
+		_, err := txn.Get(linkKey(repo, kind, d))
+		return err
+	})
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return false, nil
+	}
+	return err == nil, err
 }
 
 // --- encoding helpers ---

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 // Store is everything the proxy keeps.
@@ -20,6 +21,9 @@ type Store interface {
 	BlobStore
 	ManifestStore
 	TagStore
+	TagLister
+	ReferrerIndex
+	RepoLinks
 	Close() error
 }
 
@@ -37,6 +41,8 @@ type BlobStore interface {
 	OpenBlob(ctx context.Context, d digest.Digest) (BlobReader, error)
 	// CreateBlob starts a new blob; nothing is visible until Commit.
 	CreateBlob(ctx context.Context) (BlobWriter, error)
+	// DeleteBlob removes a blob; readers still streaming it fail.
+	DeleteBlob(ctx context.Context, d digest.Digest) error
 }
 
 // BlobReader reads a committed blob, or the flushed part of a blob being
@@ -48,12 +54,15 @@ type BlobReader interface {
 }
 
 // BlobWriter writes one blob. Write is called by one goroutine; ReadAt may
-// be called by others concurrently for offsets below Flushed.
+// be called by others concurrently for offsets below Flushed, and by the
+// writing goroutine up to Size.
 type BlobWriter interface {
 	io.Writer
 	io.ReaderAt
-	// Flushed is how many bytes ReadAt can return.
+	// Flushed is how many bytes other goroutines' ReadAt can return.
 	Flushed() int64
+	// Size is how many bytes were written.
+	Size() int64
 	// Commit flushes the rest and makes the blob visible under d. The caller
 	// has verified that the bytes written have digest d and length size.
 	Commit(ctx context.Context, d digest.Digest, size int64) error
@@ -80,6 +89,7 @@ type ManifestStore interface {
 	// Data is shared and must not be modified.
 	GetManifest(ctx context.Context, d digest.Digest) (Manifest, error)
 	PutManifest(ctx context.Context, m Manifest) error
+	DeleteManifest(ctx context.Context, d digest.Digest) error
 }
 
 // TagKey names a tag of a repository of an upstream.
@@ -96,6 +106,15 @@ type TagEntry struct {
 	Size      int64
 	// CheckedAt is when the upstream last confirmed the digest.
 	CheckedAt time.Time
+	// Local marks a tag pushed to ocimirror and not to the upstream: it is
+	// answered without revalidation.
+	Local bool
+}
+
+// Tag is a tag with its entry.
+type Tag struct {
+	Name string
+	TagEntry
 }
 
 // TagStore holds tag -> digest per upstream and repository.
@@ -104,4 +123,55 @@ type TagStore interface {
 	GetTag(ctx context.Context, k TagKey) (TagEntry, error)
 	PutTag(ctx context.Context, k TagKey, e TagEntry) error
 	DeleteTag(ctx context.Context, k TagKey) error
+}
+
+// TagLister lists the tags the store holds for a repository.
+type TagLister interface {
+	// ListTags returns the tags of upstream/repo, ordered by name.
+	ListTags(ctx context.Context, upstream, repo string) ([]Tag, error)
+}
+
+// ReferrerKey names the referrers of one subject in one repository.
+type ReferrerKey struct {
+	Upstream string
+	Repo     string
+	Subject  digest.Digest
+}
+
+// ReferrerIndex keeps, per subject, the manifests with that subject that
+// ocimirror has cached or been pushed. It is written when such a manifest
+// is stored, never built by scanning at read time.
+type ReferrerIndex interface {
+	PutReferrer(ctx context.Context, k ReferrerKey, d v1.Descriptor) error
+	DeleteReferrer(ctx context.Context, k ReferrerKey, referrer digest.Digest) error
+	// ListReferrers returns the subject's referrers ordered by digest.
+	ListReferrers(ctx context.Context, k ReferrerKey) ([]v1.Descriptor, error)
+	// GetUpstreamReferrers returns the upstream referrers API's last
+	// answer for a subject, ErrNotFound when there is none.
+	GetUpstreamReferrers(ctx context.Context, k ReferrerKey) (UpstreamReferrers, error)
+	PutUpstreamReferrers(ctx context.Context, k ReferrerKey, a UpstreamReferrers) error
+}
+
+// UpstreamReferrers is an upstream referrers API's answer for a subject.
+type UpstreamReferrers struct {
+	Descriptors []v1.Descriptor
+	CheckedAt   time.Time
+}
+
+// LinkKind says what a repository link points at.
+type LinkKind byte
+
+// The kinds of link.
+const (
+	LinkBlob     LinkKind = 'b'
+	LinkManifest LinkKind = 'm'
+)
+
+// RepoLinks records which blobs and manifests belong to a hosted
+// repository; content itself is stored once, by digest.
+type RepoLinks interface {
+	Link(ctx context.Context, repo string, kind LinkKind, d digest.Digest) error
+	// Unlink returns false when there was no such link.
+	Unlink(ctx context.Context, repo string, kind LinkKind, d digest.Digest) (bool, error)
+	Linked(ctx context.Context, repo string, kind LinkKind, d digest.Digest) (bool, error)
 }

@@ -66,6 +66,18 @@ func (c *LRU) PutManifest(ctx context.Context, m Manifest) error {
 	return nil
 }
 
+// DeleteManifest implements ManifestStore.
+func (c *LRU) DeleteManifest(ctx context.Context, d digest.Digest) error {
+	c.manifests.Remove(d)
+	return c.Store.DeleteManifest(ctx, d)
+}
+
+// DeleteBlob implements BlobStore.
+func (c *LRU) DeleteBlob(ctx context.Context, d digest.Digest) error {
+	c.blobs.Remove(d)
+	return c.Store.DeleteBlob(ctx, d)
+}
+
 // GetTag implements TagStore.
 func (c *LRU) GetTag(ctx context.Context, k TagKey) (TagEntry, error) {
 	if e, ok := c.tags.Get(k); ok {

@@ -9,12 +9,14 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/ocimirror/ocimirror/cache"
 )
@@ -174,6 +176,37 @@ func TestStore(t *testing.T) {
 				}
 			})
 
+			t.Run("delete", func(t *testing.T) {
+				s, closeFn := sc.open(t, t.TempDir())
+				defer closeFn()
+				d := writeBlob(t, s, randomBytes(3*testChunk))
+				if _, err := s.StatBlob(ctx, d); err != nil {
+					t.Fatal(err)
+				}
+				if err := s.DeleteBlob(ctx, d); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := s.StatBlob(ctx, d); !errors.Is(err, cache.ErrNotFound) {
+					t.Fatalf("stat after delete: %v", err)
+				}
+				if _, err := s.OpenBlob(ctx, d); !errors.Is(err, cache.ErrNotFound) {
+					t.Fatalf("open after delete: %v", err)
+				}
+				if err := s.DeleteBlob(ctx, d); err != nil {
+					t.Fatalf("second delete: %v", err)
+				}
+				body := []byte("{}")
+				m := cache.Manifest{Digest: digest.FromBytes(body), MediaType: "x", Data: body}
+				_ = s.PutManifest(ctx, m)
+				_, _ = s.GetManifest(ctx, m.Digest)
+				if err := s.DeleteManifest(ctx, m.Digest); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := s.GetManifest(ctx, m.Digest); !errors.Is(err, cache.ErrNotFound) {
+					t.Fatalf("manifest after delete: %v", err)
+				}
+			})
+
 			t.Run("commit checks the length", func(t *testing.T) {
 				s, closeFn := sc.open(t, t.TempDir())
 				defer closeFn()
@@ -258,6 +291,113 @@ func TestStore(t *testing.T) {
 				if _, err := s.GetTag(ctx, k); !errors.Is(err, cache.ErrNotFound) {
 					t.Fatalf("deleted tag: %v", err)
 				}
+			})
+
+			t.Run("tag listing and local tags", func(t *testing.T) {
+				s, closeFn := sc.open(t, t.TempDir())
+				defer closeFn()
+				d := digest.FromString("m")
+				for _, k := range []cache.TagKey{
+					{Upstream: "u", Repo: "a", Tag: "v2"}, {Upstream: "u", Repo: "a", Tag: "v1"},
+					{Upstream: "u", Repo: "a/b", Tag: "x"}, {Upstream: "", Repo: "a", Tag: "hosted"},
+				} {
+					if err := s.PutTag(ctx, k, cache.TagEntry{Digest: d, Local: k.Tag == "v2"}); err != nil {
+						t.Fatal(err)
+					}
+				}
+				tags, err := s.ListTags(ctx, "u", "a")
+				if err != nil || len(tags) != 2 || tags[0].Name != "v1" || tags[1].Name != "v2" || tags[0].Local || !tags[1].Local {
+					t.Fatalf("ListTags: %+v %v", tags, err)
+				}
+				if tags, _ := s.ListTags(ctx, "", "a"); len(tags) != 1 || tags[0].Name != "hosted" {
+					t.Fatalf("hosted tags: %+v", tags)
+				}
+				if tags, _ := s.ListTags(ctx, "u", "none"); len(tags) != 0 {
+					t.Fatalf("unknown repo: %+v", tags)
+				}
+			})
+
+			t.Run("referrer index", func(t *testing.T) {
+				s, closeFn := sc.open(t, t.TempDir())
+				defer closeFn()
+				subj := digest.FromString("subject")
+				k := cache.ReferrerKey{Upstream: "u", Repo: "r", Subject: subj}
+				var want []digest.Digest
+				for i := 0; i < 3; i++ {
+					d := digest.FromString(strconv.Itoa(i))
+					want = append(want, d)
+					err := s.PutReferrer(ctx, k, v1.Descriptor{MediaType: "m", Digest: d, Size: int64(i), ArtifactType: "a", Annotations: map[string]string{"i": strconv.Itoa(i)}})
+					if err != nil {
+						t.Fatal(err)
+					}
+				}
+				_ = s.PutReferrer(ctx, cache.ReferrerKey{Upstream: "u", Repo: "r2", Subject: subj}, v1.Descriptor{Digest: digest.FromString("other repo")})
+				slices.Sort(want)
+				got, err := s.ListReferrers(ctx, k)
+				if err != nil || len(got) != 3 {
+					t.Fatalf("list: %v %v", got, err)
+				}
+				for i, d := range got {
+					if d.Digest != want[i] || d.ArtifactType != "a" || d.Annotations["i"] == "" {
+						t.Errorf("referrer %d: %+v", i, d)
+					}
+				}
+				if err := s.DeleteReferrer(ctx, k, want[0]); err != nil {
+					t.Fatal(err)
+				}
+				if got, _ := s.ListReferrers(ctx, k); len(got) != 2 {
+					t.Fatalf("after delete: %v", got)
+				}
+				if got, err := s.ListReferrers(ctx, cache.ReferrerKey{Upstream: "u", Repo: "r", Subject: digest.FromString("none")}); err != nil || got == nil || len(got) != 0 {
+					t.Fatalf("unknown subject: %#v %v", got, err)
+				}
+			})
+
+			t.Run("repository links", func(t *testing.T) {
+				s, closeFn := sc.open(t, t.TempDir())
+				defer closeFn()
+				d := digest.FromString("x")
+				if ok, err := s.Linked(ctx, "a", cache.LinkBlob, d); ok || err != nil {
+					t.Fatalf("before link: %v %v", ok, err)
+				}
+				_ = s.Link(ctx, "a", cache.LinkBlob, d)
+				if ok, _ := s.Linked(ctx, "a", cache.LinkBlob, d); !ok {
+					t.Fatal("link not found")
+				}
+				for _, other := range []struct {
+					repo string
+					kind cache.LinkKind
+				}{{"a/b", cache.LinkBlob}, {"b", cache.LinkBlob}, {"a", cache.LinkManifest}} {
+					if ok, _ := s.Linked(ctx, other.repo, other.kind, d); ok {
+						t.Errorf("link leaks to %s %c", other.repo, other.kind)
+					}
+				}
+				if existed, err := s.Unlink(ctx, "a", cache.LinkBlob, d); !existed || err != nil {
+					t.Fatalf("unlink: %v %v", existed, err)
+				}
+				if existed, _ := s.Unlink(ctx, "a", cache.LinkBlob, d); existed {
+					t.Fatal("second unlink found a link")
+				}
+			})
+
+			t.Run("writer reads its own tail", func(t *testing.T) {
+				s, closeFn := sc.open(t, t.TempDir())
+				defer closeFn()
+				data := randomBytes(2*testChunk + 300)
+				w, _ := s.CreateBlob(ctx)
+				_, _ = w.Write(data)
+				if w.Size() != int64(len(data)) || w.Flushed() != 2*testChunk {
+					t.Fatalf("size %d flushed %d", w.Size(), w.Flushed())
+				}
+				got, err := io.ReadAll(io.NewSectionReader(w, 0, w.Size()))
+				if err != nil || !bytes.Equal(got, data) {
+					t.Fatalf("read back: %v", err)
+				}
+				buf := make([]byte, 500)
+				if n, err := w.ReadAt(buf, 2*testChunk-100); n != 400 || !errors.Is(err, io.EOF) || !bytes.Equal(buf[:n], data[2*testChunk-100:]) {
+					t.Fatalf("read across the flush edge: %d %v", n, err)
+				}
+				_ = w.Cancel(ctx)
 			})
 
 			t.Run("restart", func(t *testing.T) {

@@ -30,6 +30,11 @@ type Config struct {
 	DefaultUpstream string `yaml:"defaultUpstream"`
 	// Upstreams are the registries ocimirror mirrors.
 	Upstreams []Upstream `yaml:"upstreams"`
+	// Hosted are repository prefixes ("ci/") that ocimirror itself is the
+	// registry for, with pushes, tags and deletes.
+	Hosted []string `yaml:"hosted"`
+	// ReadOnly turns every push and delete away with 405.
+	ReadOnly bool `yaml:"readOnly"`
 	// Log sets the format and level of the log on standard error.
 	Log Log `yaml:"log"`
 	// ShutdownTimeout bounds how long SIGTERM waits for in-flight work.
@@ -75,6 +80,29 @@ type Upstream struct {
 	DockerConfig string `yaml:"dockerConfig"`
 	// TLS configures how the upstream's certificate is checked.
 	TLS UpstreamTLS `yaml:"tls"`
+	// Push says what a push to this upstream's repositories does: local
+	// (kept by ocimirror only, the default) or forward (also written to
+	// the upstream).
+	Push PushMode `yaml:"push"`
+}
+
+// PushMode is what happens to a push to a proxied repository.
+type PushMode string
+
+// The push modes.
+const (
+	PushLocal   PushMode = "local"
+	PushForward PushMode = "forward"
+)
+
+// UnmarshalText accepts local or forward.
+func (p *PushMode) UnmarshalText(b []byte) error {
+	switch v := PushMode(strings.ToLower(string(b))); v {
+	case PushLocal, PushForward:
+		*p = v
+		return nil
+	}
+	return fmt.Errorf("push: %q is not local or forward", b)
 }
 
 // UpstreamTLS configures the client side of TLS toward an upstream. Plain
@@ -240,6 +268,10 @@ func (c *Config) merge(f Config) {
 			c.DefaultUpstream = ""
 		}
 	}
+	if f.Hosted != nil {
+		c.Hosted = f.Hosted
+	}
+	c.ReadOnly = c.ReadOnly || f.ReadOnly
 	if f.Log.Format != "" {
 		c.Log.Format = f.Log.Format
 	}
@@ -297,6 +329,13 @@ func (c *Config) Validate() error {
 	if err := c.ShutdownTimeout.parse("shutdownTimeout"); err != nil {
 		return err
 	}
+	for i, h := range c.Hosted {
+		p := strings.Trim(h, "/")
+		if p == "" || !validRepoPrefix(p) {
+			return fmt.Errorf("hosted[%d]: %q is not a repository prefix such as ci/ or local/", i, h)
+		}
+		c.Hosted[i] = p + "/"
+	}
 	seen := map[string]bool{}
 	for i := range c.Upstreams {
 		u := &c.Upstreams[i]
@@ -335,6 +374,9 @@ func (u *Upstream) validate(field string) error {
 	}
 	if u.TagTTL.Duration == 0 {
 		u.TagTTL = Dur(DefaultTagTTL)
+	}
+	if u.Push == "" {
+		u.Push = PushLocal
 	}
 	if u.Token != "" && (u.Username != "" || u.Password != "") {
 		return fmt.Errorf("%s.token: set either token or username/password, not both", field)
@@ -376,6 +418,23 @@ func validHost(h string) bool {
 		}
 		for _, r := range label {
 			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-') {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// validRepoPrefix accepts repository path components: lower-case letters,
+// digits and the separators . _ - between them.
+func validRepoPrefix(p string) bool {
+	for _, comp := range strings.Split(p, "/") {
+		if comp == "" {
+			return false
+		}
+		for i, r := range comp {
+			alnum := r >= 'a' && r <= 'z' || r >= '0' && r <= '9'
+			if !alnum && (i == 0 || i == len(comp)-1 || !strings.ContainsRune("._-", r)) {
 				return false
 			}
 		}

@@ -54,8 +54,11 @@ upstreams:
     token: abc
   - name: quay.io
     dockerConfig: ` + dockerCfg + `
+    push: forward
     tls:
       insecureSkipVerify: true
+hosted: ["ci/", "local"]
+readOnly: true
 `))
 	if err != nil {
 		t.Fatal(err)
@@ -76,8 +79,11 @@ upstreams:
 	if gh.URL != "https://ghcr.io" || gh.Token != "abc" || gh.TagTTL.Duration != DefaultTagTTL {
 		t.Errorf("ghcr.io: %+v", gh)
 	}
-	if !quay.TLS.InsecureSkipVerify || quay.DockerConfig != dockerCfg {
+	if !quay.TLS.InsecureSkipVerify || quay.DockerConfig != dockerCfg || quay.Push != PushForward || gh.Push != PushLocal {
 		t.Errorf("quay.io: %+v", quay)
+	}
+	if strings.Join(c.Hosted, ",") != "ci/,local/" || !c.ReadOnly {
+		t.Errorf("hosted %v readOnly %v", c.Hosted, c.ReadOnly)
 	}
 	// Fields the file leaves out keep their defaults.
 	if c.Cache.ManifestEntries != Default().Cache.ManifestEntries || c.ShutdownTimeout.Duration != 30*time.Second {
@@ -116,6 +122,9 @@ func TestParse_Errors(t *testing.T) {
 		{"tls half", "tls:\n  certFile: a.pem\n", []string{"tls", "a.pem"}},
 		{"bad entries", "cache:\n  manifestEntries: -1\n", []string{"cache.manifestEntries", "-1"}},
 		{"not yaml", "listen: [\n", []string{"yaml"}},
+		{"bad push mode", "upstreams:\n  - name: a.io\n    push: always\n", []string{"push", `"always"`}},
+		{"bad hosted prefix", "hosted: [\"CI/\"]\n", []string{"hosted[0]", `"CI/"`}},
+		{"empty hosted prefix", "hosted: [\"/\"]\n", []string{"hosted[0]", `"/"`}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

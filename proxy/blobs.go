@@ -27,6 +27,9 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request, q *request) error 
 	}
 	q.dgst = d
 	ctx := r.Context()
+	if q.up.hosted {
+		return s.hostedBlob(w, r, q)
+	}
 	info, err := s.store.StatBlob(ctx, d)
 	if err == nil {
 		q.setCache("hit")
@@ -60,6 +63,25 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request, q *request) error 
 		return f.startErr
 	}
 	return s.serveFill(w, r, q, f)
+}
+
+// hostedBlob serves a blob of a hosted repository: only blobs linked to it.
+func (s *Server) hostedBlob(w http.ResponseWriter, r *http.Request, q *request) error {
+	ok, err := s.store.Linked(r.Context(), q.repo, cache.LinkBlob, q.dgst)
+	if err != nil {
+		return err
+	}
+	var info cache.BlobInfo
+	if ok {
+		info, err = s.store.StatBlob(r.Context(), q.dgst)
+	}
+	if !ok || errors.Is(err, cache.ErrNotFound) {
+		return ErrBlobUnknown(map[string]string{"digest": q.dgst.String()})
+	}
+	if err != nil {
+		return err
+	}
+	return s.serveStored(w, r, q, info.Size)
 }
 
 func setBlobHeaders(h http.Header, q *request, status int, start, end, size int64) {

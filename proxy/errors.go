@@ -13,6 +13,10 @@ type Code string
 // an upstream that fails.
 const (
 	CodeBlobUnknown       Code = "BLOB_UNKNOWN"
+	CodeUploadInvalid     Code = "BLOB_UPLOAD_INVALID"
+	CodeUploadUnknown     Code = "BLOB_UPLOAD_UNKNOWN"
+	CodeManifestBlob      Code = "MANIFEST_BLOB_UNKNOWN"
+	CodeSizeInvalid       Code = "SIZE_INVALID"
 	CodeDigestInvalid     Code = "DIGEST_INVALID"
 	CodeManifestUnknown   Code = "MANIFEST_UNKNOWN"
 	CodeManifestInvalid   Code = "MANIFEST_INVALID"
@@ -34,6 +38,10 @@ var codeInfo = map[Code]struct {
 	message string
 }{
 	CodeBlobUnknown:       {http.StatusNotFound, "blob unknown to registry"},
+	CodeUploadInvalid:     {http.StatusBadRequest, "blob upload invalid"},
+	CodeUploadUnknown:     {http.StatusNotFound, "blob upload unknown to registry"},
+	CodeManifestBlob:      {http.StatusBadRequest, "manifest references a manifest or blob unknown to registry"},
+	CodeSizeInvalid:       {http.StatusBadRequest, "provided length did not match content length"},
 	CodeDigestInvalid:     {http.StatusBadRequest, "provided digest did not match uploaded content"},
 	CodeManifestUnknown:   {http.StatusNotFound, "manifest unknown"},
 	CodeManifestInvalid:   {http.StatusBadRequest, "manifest invalid"},

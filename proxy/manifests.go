@@ -77,28 +77,61 @@ func (m manifestInfo) size() int64 {
 
 // manifestByDigest returns a manifest from cache, or fetches, verifies and
 // caches it. Concurrent misses share one upstream GET. A HEAD miss is a HEAD
-// upstream and caches nothing.
+// upstream and caches nothing. A hosted repository answers only for the
+// manifests linked to it.
 func (s *Server) manifestByDigest(ctx context.Context, q *request, d digest.Digest, head bool) (manifestInfo, error) {
-	m, err := s.store.GetManifest(ctx, d)
-	if err == nil {
-		q.setCache("hit")
-		return manifestInfo{Manifest: m}, nil
-	}
-	if !errors.Is(err, cache.ErrNotFound) {
-		return manifestInfo{}, err
+	if q.up.hosted {
+		ok, err := s.store.Linked(ctx, q.repo, cache.LinkManifest, d)
+		if err != nil {
+			return manifestInfo{}, err
+		}
+		if !ok {
+			return manifestInfo{}, ErrManifestUnknown(map[string]string{"name": q.name, "reference": d.String()})
+		}
+		m, err := s.store.GetManifest(ctx, d)
+		if errors.Is(err, cache.ErrNotFound) {
+			return manifestInfo{}, ErrManifestUnknown(map[string]string{"name": q.name, "reference": d.String()})
+		}
+		return manifestInfo{Manifest: m}, err
 	}
 	if head {
+		m, err := s.store.GetManifest(ctx, d)
+		if err == nil {
+			q.setCache("hit")
+			return manifestInfo{Manifest: m}, nil
+		}
+		if !errors.Is(err, cache.ErrNotFound) {
+			return manifestInfo{}, err
+		}
 		q.setCache("miss")
 		return s.headManifest(ctx, q, d)
 	}
-	v, err, shared := s.flightDo(ctx, "m\x00"+d.String(), func(ctx context.Context) (any, error) {
-		return s.fetchManifest(ctx, q.up, q.repo, d.String(), d)
-	})
+	m, how, err := s.manifestFor(ctx, q.up, q.repo, d)
 	if err != nil {
 		return manifestInfo{}, err
 	}
-	q.setCache(missOrCoalesced(shared))
-	return manifestInfo{Manifest: v.(cache.Manifest)}, nil
+	q.setCache(how)
+	return manifestInfo{Manifest: m}, nil
+}
+
+// manifestFor returns a manifest of an upstream repository by digest: from
+// cache ("hit"), or fetched once for all concurrent callers ("miss",
+// "coalesced").
+func (s *Server) manifestFor(ctx context.Context, up *upstreamState, repo string, d digest.Digest) (cache.Manifest, string, error) {
+	m, err := s.store.GetManifest(ctx, d)
+	if err == nil {
+		return m, "hit", nil
+	}
+	if !errors.Is(err, cache.ErrNotFound) {
+		return cache.Manifest{}, "", err
+	}
+	v, err, shared := s.flightDo(ctx, "m\x00"+d.String(), func(ctx context.Context) (any, error) {
+		return s.fetchManifest(ctx, up, repo, d.String(), d)
+	})
+	if err != nil {
+		return cache.Manifest{}, "", err
+	}
+	return v.(cache.Manifest), missOrCoalesced(shared), nil
 }
 
 // headManifest checks a manifest digest upstream without fetching it.
@@ -153,48 +186,61 @@ func (s *Server) fetchManifest(ctx context.Context, up *upstreamState, repo, ref
 	if err := s.store.PutManifest(ctx, m); err != nil {
 		return cache.Manifest{}, err
 	}
+	s.observe(ctx, up.name, repo, m)
 	return m, nil
 }
 
-// resolveTag returns what a tag points at: from cache within its TTL, else
-// revalidated upstream with HEAD (GET for a tag never seen by a GET), else,
-// when the upstream fails transiently, the last known answer.
+// resolveTag returns what the request's tag points at and records how it
+// was answered.
 func (s *Server) resolveTag(ctx context.Context, q *request, head bool) (cache.TagEntry, error) {
 	key := cache.TagKey{Upstream: q.up.name, Repo: q.repo, Tag: q.ref}
+	if q.up.hosted {
+		e, err := s.store.GetTag(ctx, key)
+		if errors.Is(err, cache.ErrNotFound) {
+			return e, ErrManifestUnknown(map[string]string{"name": q.name, "reference": q.ref})
+		}
+		return e, err
+	}
+	e, how, err := s.resolveTagEntry(ctx, q.up, key, head)
+	q.setCache(how)
+	return e, err
+}
+
+// resolveTagEntry returns what an upstream tag points at: from cache within
+// its TTL (and always for a tag pushed locally), else revalidated upstream
+// with HEAD (GET for a tag never seen by a GET), else, when the upstream
+// fails transiently, the last known answer.
+func (s *Server) resolveTagEntry(ctx context.Context, up *upstreamState, key cache.TagKey, head bool) (cache.TagEntry, string, error) {
 	old, err := s.store.GetTag(ctx, key)
 	known := err == nil
 	if err != nil && !errors.Is(err, cache.ErrNotFound) {
-		return cache.TagEntry{}, err
+		return cache.TagEntry{}, "", err
 	}
-	if known && s.now().Sub(old.CheckedAt) < q.up.tagTTL {
-		q.setCache("hit")
-		return old, nil
+	if known && (old.Local || s.now().Sub(old.CheckedAt) < up.tagTTL) {
+		return old, "hit", nil
 	}
 	v, err, shared := s.flightDo(ctx, "t\x00"+key.Upstream+"\x00"+key.Repo+"\x00"+key.Tag, func(ctx context.Context) (any, error) {
-		return s.revalidateTag(ctx, q.up, key, old, known, head)
+		return s.revalidateTag(ctx, up, key, old, known, head)
 	})
 	if err != nil {
 		if known && upstream.Transient(err) {
-			s.log.Warn("upstream failed; serving last known tag", "upstream", q.up.name, "repo", q.repo, "tag", q.ref,
+			s.log.Warn("upstream failed; serving last known tag", "upstream", up.name, "repo", key.Repo, "tag", key.Tag,
 				"digest", old.Digest, "err", err)
-			q.setCache("stale")
-			return old, nil
+			return old, "stale", nil
 		}
 		if errors.Is(err, upstream.ErrNotFound) && known {
 			_ = s.store.DeleteTag(ctx, key)
 		}
-		return cache.TagEntry{}, err
+		return cache.TagEntry{}, "", err
 	}
 	r := v.(tagResult)
 	switch {
 	case shared:
-		q.setCache("coalesced")
+		return r.entry, "coalesced", nil
 	case r.revalidated:
-		q.setCache("revalidated")
-	default:
-		q.setCache("miss")
+		return r.entry, "revalidated", nil
 	}
-	return r.entry, nil
+	return r.entry, "miss", nil
 }
 
 type tagResult struct {

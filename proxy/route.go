@@ -53,6 +53,8 @@ func (s *Server) resolve(r *http.Request, q *request, rawName string) error {
 		if q.up == nil {
 			return &Error{Code: CodeNameUnknown, Message: "registry not mirrored here", Detail: map[string]string{"ns": q.ns}}
 		}
+	case s.isHosted(name):
+		q.up = s.hosted
 	default:
 		if host, rest, ok := strings.Cut(name, "/"); ok {
 			if up := s.upstreams[host]; up != nil {
@@ -74,6 +76,16 @@ func (s *Server) resolve(r *http.Request, q *request, rawName string) error {
 		q.repo = "library/" + name
 	}
 	return nil
+}
+
+// isHosted reports whether a repository name falls under a hosted prefix.
+func (s *Server) isHosted(name string) bool {
+	for _, p := range s.hostedPrefixes {
+		if strings.HasPrefix(name, p) {
+			return true
+		}
+	}
+	return false
 }
 
 // upstreamByHost finds the upstream a containerd ?ns= names; Docker Hub's

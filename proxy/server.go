@@ -18,6 +18,7 @@ import (
 
 	"github.com/gorilla/mux"
 	lru "github.com/hashicorp/golang-lru/v2"
+	"github.com/opencontainers/go-digest"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
@@ -26,6 +27,7 @@ import (
 
 	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/config"
+	"github.com/ocimirror/ocimirror/referrers"
 	"github.com/ocimirror/ocimirror/upstream"
 )
 
@@ -47,6 +49,8 @@ type Upstream struct {
 	Client *upstream.Client
 	// TagTTL is how long a tag is served from cache before revalidation.
 	TagTTL time.Duration
+	// Forward writes pushes through to the upstream as well.
+	Forward bool
 }
 
 // Options configures a Server.
@@ -55,17 +59,26 @@ type Options struct {
 	Upstreams []Upstream
 	// DefaultUpstream names the upstream for names without ns or prefix.
 	DefaultUpstream string
-	Logger          *slog.Logger
+	// Hosted are the repository prefixes ("ci/") ocimirror is the registry for.
+	Hosted []string
+	// ReadOnly refuses every push and delete.
+	ReadOnly bool
+	Logger   *slog.Logger
 	TracerProvider  trace.TracerProvider
 	// Clock is the time source (tests); time.Now if nil.
 	Clock func() time.Time
 }
 
+// upstreamState is where a repository's content comes from: an upstream,
+// or, for hosted repositories, ocimirror itself (hosted is set, client is
+// nil, name is "").
 type upstreamState struct {
 	client    *upstream.Client
 	name      string
 	tagTTL    time.Duration
 	dockerHub bool
+	forward   bool
+	hosted    bool
 }
 
 // Server is the registry API.
@@ -73,6 +86,9 @@ type Server struct {
 	store           cache.Store
 	upstreams       map[string]*upstreamState
 	defaultUpstream *upstreamState
+	hosted          *upstreamState
+	hostedPrefixes  []string
+	readOnly        bool
 	log             *slog.Logger
 	tracer          trace.Tracer
 	now             func() time.Time
@@ -81,6 +97,14 @@ type Server struct {
 	flight   singleflight.Group
 	fills    fills
 	tagLists *lru.Cache[string, tagList]
+	uploads  uploads
+	// refCaps is each upstream repository's referrers API state;
+	// fallbackSeen is the fallback index digest last verified per subject.
+	refCaps      *referrers.Capabilities
+	fallbackSeen *lru.Cache[cache.ReferrerKey, digest.Digest]
+	// fallbackMu serializes ocimirror's own updates of upstream fallback
+	// tag indexes.
+	fallbackMu sync.Mutex
 
 	// ctx is the server's lifetime: fills run under it, detached from the
 	// clients that started them.
@@ -107,15 +131,27 @@ func New(o Options) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	fs, err := lru.New[cache.ReferrerKey, digest.Digest](4096)
+	if err != nil {
+		return nil, err
+	}
 	s := &Server{
-		store:     o.Store,
-		upstreams: map[string]*upstreamState{},
-		log:       o.Logger,
-		tracer:    o.TracerProvider.Tracer("github.com/ocimirror/ocimirror/proxy"),
-		now:       o.Clock,
-		tagLists:  tl,
+		store:        o.Store,
+		upstreams:    map[string]*upstreamState{},
+		hosted:       &upstreamState{hosted: true},
+		readOnly:     o.ReadOnly,
+		log:          o.Logger,
+		tracer:       o.TracerProvider.Tracer("github.com/ocimirror/ocimirror/proxy"),
+		now:          o.Clock,
+		tagLists:     tl,
+		refCaps:      referrers.NewCapabilities(time.Hour),
+		fallbackSeen: fs,
+	}
+	for _, p := range o.Hosted {
+		s.hostedPrefixes = append(s.hostedPrefixes, strings.TrimSuffix(p, "/")+"/")
 	}
 	s.fills.m = map[string]*blobFill{}
+	s.uploads.m = map[string]*upload{}
 	for _, u := range o.Upstreams {
 		name := u.Client.Name()
 		if _, dup := s.upstreams[name]; dup {
@@ -125,7 +161,7 @@ func New(o Options) (*Server, error) {
 		if ttl <= 0 {
 			ttl = config.DefaultTagTTL
 		}
-		s.upstreams[name] = &upstreamState{client: u.Client, name: name, tagTTL: ttl, dockerHub: name == config.DockerHub}
+		s.upstreams[name] = &upstreamState{client: u.Client, name: name, tagTTL: ttl, dockerHub: name == config.DockerHub, forward: u.Forward}
 	}
 	if o.DefaultUpstream != "" {
 		s.defaultUpstream = s.upstreams[o.DefaultUpstream]
@@ -134,6 +170,7 @@ func New(o Options) (*Server, error) {
 		}
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	go s.expireUploads()
 	return s, nil
 }
 
@@ -142,15 +179,16 @@ func New(o Options) (*Server, error) {
 func (s *Server) Shutdown(ctx context.Context) error {
 	done := make(chan struct{})
 	go func() { s.work.Wait(); close(done) }()
+	var err error
 	select {
 	case <-done:
-		s.cancel()
-		return nil
 	case <-ctx.Done():
-		s.cancel()
-		<-done
-		return ctx.Err()
+		err = ctx.Err()
 	}
+	s.cancel()
+	<-done
+	s.uploads.cancelAll(s.log)
+	return err
 }
 
 // Handler returns the HTTP handler of the registry API.
@@ -160,8 +198,15 @@ func (s *Server) Handler() http.Handler {
 	r.Handle("/v2/", s.handle("base", s.base)).Methods(get...)
 	r.Handle("/v2", s.handle("base", s.base)).Methods(get...)
 	r.Handle("/v2/{name:.+}/manifests/{reference}", s.handle("manifest", s.manifest)).Methods(get...)
-	r.Handle("/v2/{name:.+}/blobs/uploads/{rest:.*}", s.handle("upload", s.unsupported))
+	r.Handle("/v2/{name:.+}/manifests/{reference}", s.handle("manifest", s.writing(s.putManifest))).Methods(http.MethodPut)
+	r.Handle("/v2/{name:.+}/manifests/{reference}", s.handle("manifest", s.writing(s.deleteManifest))).Methods(http.MethodDelete)
+	r.Handle("/v2/{name:.+}/blobs/uploads/", s.handle("upload", s.writing(s.startUpload))).Methods(http.MethodPost)
+	r.Handle("/v2/{name:.+}/blobs/uploads/{id}", s.handle("upload", s.uploadStatus)).Methods(get...)
+	r.Handle("/v2/{name:.+}/blobs/uploads/{id}", s.handle("upload", s.writing(s.patchUpload))).Methods(http.MethodPatch)
+	r.Handle("/v2/{name:.+}/blobs/uploads/{id}", s.handle("upload", s.writing(s.putUpload))).Methods(http.MethodPut)
+	r.Handle("/v2/{name:.+}/blobs/uploads/{id}", s.handle("upload", s.writing(s.cancelUpload))).Methods(http.MethodDelete)
 	r.Handle("/v2/{name:.+}/blobs/{digest}", s.handle("blob", s.blob)).Methods(get...)
+	r.Handle("/v2/{name:.+}/blobs/{digest}", s.handle("blob", s.writing(s.deleteBlob))).Methods(http.MethodDelete)
 	r.Handle("/v2/{name:.+}/tags/list", s.handle("tags", s.tags)).Methods(get...)
 	r.Handle("/v2/{name:.+}/referrers/{digest}", s.handle("referrers", s.referrers)).Methods(get...)
 	r.MethodNotAllowedHandler = s.handle("", s.unsupported)
@@ -220,7 +265,7 @@ func (s *Server) finish(r *http.Request, rw *responseWriter, q *request, span tr
 	}
 	span.SetAttributes(attribute.Int("http.response.status_code", status))
 	if q.up != nil {
-		span.SetAttributes(attribute.String("ocimirror.upstream", q.up.name), attribute.String("ocimirror.repo", q.repo))
+		span.SetAttributes(attribute.String("ocimirror.upstream", q.up.logName()), attribute.String("ocimirror.repo", q.repo))
 	}
 	if q.cache != "" {
 		span.SetAttributes(attribute.String("ocimirror.cache", q.cache))
@@ -245,7 +290,7 @@ func (s *Server) finish(r *http.Request, rw *responseWriter, q *request, span tr
 		slog.Int64("bytes", rw.bytes),
 		slog.Duration("duration", time.Since(start)))
 	if q.up != nil {
-		attrs = append(attrs, slog.String("upstream", q.up.name), slog.String("repo", q.repo))
+		attrs = append(attrs, slog.String("upstream", q.up.logName()), slog.String("repo", q.repo))
 	}
 	if q.ns != "" {
 		attrs = append(attrs, slog.String("ns", q.ns))
@@ -300,6 +345,8 @@ func (s *Server) apiError(q *request, err error) *Error {
 		unknown = ErrManifestUnknown(map[string]string{"name": q.name, "reference": q.ref})
 	case "blob":
 		unknown = ErrBlobUnknown(map[string]string{"digest": q.ref})
+	case "upload":
+		unknown = ErrBlobUnknown(map[string]string{"digest": q.ref})
 	}
 	switch {
 	case errors.Is(err, upstream.ErrNotFound), errors.Is(err, upstream.ErrDenied):
@@ -319,6 +366,9 @@ func (s *Server) apiError(q *request, err error) *Error {
 	case errors.Is(err, upstream.ErrUnavailable), errors.Is(err, upstream.ErrInvalidResponse),
 		errors.Is(err, errDigestMismatch), errors.Is(err, errSizeMismatch):
 		return &Error{Code: CodeUnavailable, Detail: map[string]string{"upstream": q.upName()}}
+	case errors.As(err, new(*upstream.StatusError)) && isClientError(err):
+		// A forwarded push the upstream refused: its answer is the answer.
+		return relayedError(err)
 	case errors.Is(err, context.Canceled):
 		// The client went away; nobody reads this answer.
 		return &Error{Code: CodeUnknown, Status: 499, Message: "request cancelled"}
@@ -327,11 +377,40 @@ func (s *Server) apiError(q *request, err error) *Error {
 	return &Error{Code: CodeUnknown}
 }
 
+func isClientError(err error) bool {
+	se, _ := errors.AsType[*upstream.StatusError](err)
+	return se.Status >= 400 && se.Status < 500
+}
+
+// relayedError passes on an upstream's 4xx with its first OCI error code.
+func relayedError(err error) *Error {
+	se, _ := errors.AsType[*upstream.StatusError](err)
+	var body struct {
+		Errors []struct {
+			Code    Code   `json:"code"`
+			Message string `json:"message"`
+		} `json:"errors"`
+	}
+	e := &Error{Code: CodeUnknown, Status: se.Status, Message: "the upstream registry refused the request", Err: err}
+	if json.Unmarshal(se.Body, &body) == nil && len(body.Errors) > 0 && body.Errors[0].Code != "" {
+		e.Code, e.Message = body.Errors[0].Code, body.Errors[0].Message
+	}
+	return e
+}
+
 func (q *request) upName() string {
 	if q.up == nil {
 		return ""
 	}
 	return q.up.name
+}
+
+// logName names the source in logs and traces: the upstream, or "hosted".
+func (u *upstreamState) logName() string {
+	if u.hosted {
+		return "hosted"
+	}
+	return u.name
 }
 
 func (s *Server) base(w http.ResponseWriter, r *http.Request, _ *request) error {
@@ -345,6 +424,17 @@ func (s *Server) base(w http.ResponseWriter, r *http.Request, _ *request) error 
 
 func (s *Server) unsupported(http.ResponseWriter, *http.Request, *request) error {
 	return ErrUnsupported(nil)
+}
+
+// writing guards a handler that changes content: a read-only mirror
+// refuses it.
+func (s *Server) writing(h handlerFunc) handlerFunc {
+	return func(w http.ResponseWriter, r *http.Request, q *request) error {
+		if s.readOnly {
+			return &Error{Code: CodeUnsupported, Message: "this mirror is read-only"}
+		}
+		return h(w, r, q)
+	}
 }
 
 // detached returns a context for work that outlives the client's request:

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -81,10 +82,37 @@ func (s *Server) tags(w http.ResponseWriter, r *http.Request, q *request) error 
 	return nil
 }
 
-// tagList returns the repository's tags: cached within the TTL, else
-// fetched (concurrent callers share one fetch), else stale on a transient
-// upstream failure.
+// tagList returns the repository's tags: a hosted repository's from the
+// store; an upstream's list (cached within the TTL, else fetched once for
+// concurrent callers, else stale on a transient failure) with the tags
+// pushed to ocimirror alone added.
 func (s *Server) tagList(ctx context.Context, q *request) (tagList, error) {
+	stored, err := s.store.ListTags(ctx, q.up.name, q.repo)
+	if err != nil {
+		return tagList{}, err
+	}
+	var local []string
+	for _, t := range stored {
+		if q.up.hosted || t.Local {
+			local = append(local, t.Name)
+		}
+	}
+	if q.up.hosted {
+		return tagList{tags: local}, nil
+	}
+	l, err := s.upstreamTagList(ctx, q)
+	if errors.Is(err, upstream.ErrNotFound) && len(local) > 0 {
+		l, err = tagList{}, nil
+	}
+	if err != nil || len(local) == 0 {
+		return l, err
+	}
+	merged := append(slices.Clone(l.tags), local...)
+	slices.Sort(merged)
+	return tagList{tags: slices.Compact(merged), checked: l.checked}, nil
+}
+
+func (s *Server) upstreamTagList(ctx context.Context, q *request) (tagList, error) {
 	key := q.up.name + "\x00" + q.repo
 	old, known := s.tagLists.Get(key)
 	if known && s.now().Sub(old.checked) < q.up.tagTTL {

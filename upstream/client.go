@@ -5,9 +5,11 @@
 package upstream
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -82,6 +84,7 @@ type Options struct {
 type Client struct {
 	name        string
 	base        string
+	baseHost    string
 	hc          *http.Client
 	auth        *authenticator
 	log         *slog.Logger
@@ -130,6 +133,7 @@ func New(o Options) (*Client, error) {
 	c := &Client{
 		name:        o.Name,
 		base:        base.String(),
+		baseHost:    base.Host,
 		hc:          hc,
 		log:         o.Logger.With("upstream", o.Name),
 		tracer:      o.TracerProvider.Tracer("github.com/ocimirror/ocimirror/upstream"),
@@ -197,9 +201,18 @@ type Request struct {
 	Method string
 	Repo   string
 	// Path follows /v2/<repo>/, for example "manifests/v1" or "tags/list".
-	Path   string
+	Path string
+	// URL, when set, is used instead of Repo and Path: an upload Location
+	// the upstream returned, absolute or relative to its base URL.
+	URL    string
 	Query  url.Values
 	Header http.Header
+	// Body opens the request body; it is called again for a retry after
+	// authentication. ContentLength is its length.
+	Body          func() io.Reader
+	ContentLength int64
+	// Push asks for a token with push access to Repo.
+	Push bool
 }
 
 // Do sends r with authentication and retries. A 2xx or 3xx answer is
@@ -210,9 +223,9 @@ func (c *Client) Do(ctx context.Context, r Request) (*http.Response, error) {
 		return nil, &StatusError{Method: r.Method, URL: r.Path, Status: http.StatusTooManyRequests, RetryAfter: wait,
 			Header: http.Header{"Retry-After": {strconv.Itoa(int(wait.Seconds() + 0.999))}}}
 	}
-	u := c.base + "/v2/" + r.Repo + "/" + r.Path
-	if len(r.Query) > 0 {
-		u += "?" + r.Query.Encode()
+	u, err := c.requestURL(r)
+	if err != nil {
+		return nil, err
 	}
 	ctx, span := c.tracer.Start(ctx, "upstream "+r.Method, trace.WithSpanKind(trace.SpanKindClient),
 		trace.WithAttributes(
@@ -230,24 +243,66 @@ func (c *Client) Do(ctx context.Context, r Request) (*http.Response, error) {
 	return resp, nil
 }
 
+// requestURL is the URL of r: the API path of its repository, or the
+// Location it carries, resolved against the base URL, with r.Query added.
+func (c *Client) requestURL(r Request) (string, error) {
+	if r.URL == "" {
+		u := c.base + "/v2/" + r.Repo + "/" + r.Path
+		if len(r.Query) > 0 {
+			u += "?" + r.Query.Encode()
+		}
+		return u, nil
+	}
+	base, _ := url.Parse(c.base + "/")
+	loc, err := base.Parse(r.URL)
+	if err != nil {
+		return "", fmt.Errorf("%w: bad location %q", ErrInvalidResponse, r.URL)
+	}
+	if len(r.Query) > 0 {
+		q := loc.Query()
+		for k, v := range r.Query {
+			q[k] = v
+		}
+		loc.RawQuery = q.Encode()
+	}
+	return loc.String(), nil
+}
+
 func (c *Client) do(ctx context.Context, r Request, u string) (*http.Response, error) {
 	scope := "repository:" + r.Repo + ":pull"
+	if r.Push {
+		scope += ",push"
+	}
 	idempotent := r.Method == http.MethodGet || r.Method == http.MethodHead
 	reauthed := false
 	for attempt := 1; ; attempt++ {
 		reqCtx, cancel := context.WithCancel(ctx)
-		req, err := http.NewRequestWithContext(reqCtx, r.Method, u, nil)
+		var body io.Reader
+		if r.Body != nil {
+			body = r.Body()
+		}
+		req, err := http.NewRequestWithContext(reqCtx, r.Method, u, body)
 		if err != nil {
 			cancel()
 			return nil, err
+		}
+		if r.Body != nil {
+			req.ContentLength = r.ContentLength
+			if r.ContentLength == 0 {
+				req.Body = http.NoBody
+			}
 		}
 		for k, v := range r.Header {
 			req.Header[k] = v
 		}
 		req.Header.Set("User-Agent", c.userAgent)
-		if err := c.auth.authorize(ctx, req, scope); err != nil {
-			cancel()
-			return nil, err
+		// Credentials go only to the upstream's own host, whatever URL an
+		// upload Location names.
+		if req.URL.Host == c.baseHost {
+			if err := c.auth.authorize(ctx, req, scope); err != nil {
+				cancel()
+				return nil, err
+			}
 		}
 		resp, err := c.hc.Do(req)
 		if err != nil {
@@ -390,6 +445,63 @@ func (c *Client) Blob(ctx context.Context, method, repo string, d digest.Digest,
 		r.Header = http.Header{"Range": {rng}}
 	}
 	return c.Do(ctx, r)
+}
+
+// PutManifest writes a manifest's exact bytes under ref (a tag or its
+// digest) and returns the upstream's response header (OCI-Subject tells
+// whether it has the referrers API).
+func (c *Client) PutManifest(ctx context.Context, repo, ref, mediaType string, data []byte) (http.Header, error) {
+	resp, err := c.Do(ctx, Request{Method: http.MethodPut, Repo: repo, Path: "manifests/" + ref, Push: true,
+		Header:        http.Header{"Content-Type": {mediaType}},
+		Body:          func() io.Reader { return bytes.NewReader(data) },
+		ContentLength: int64(len(data))})
+	if err != nil {
+		return nil, err
+	}
+	drain(resp)
+	return resp.Header, nil
+}
+
+// PushBlob uploads a blob unless the repository has it already: POST an
+// upload, then PUT the bytes (open is called for each attempt).
+func (c *Client) PushBlob(ctx context.Context, repo string, d digest.Digest, size int64, open func() io.Reader) error {
+	if resp, err := c.Do(ctx, Request{Method: http.MethodHead, Repo: repo, Path: "blobs/" + d.String(), Push: true}); err == nil {
+		resp.Body.Close()
+		return nil
+	} else if !errors.Is(err, ErrNotFound) {
+		return err
+	}
+	resp, err := c.Do(ctx, Request{Method: http.MethodPost, Repo: repo, Path: "blobs/uploads/", Push: true,
+		Body: func() io.Reader { return http.NoBody }})
+	if err != nil {
+		return err
+	}
+	drain(resp)
+	loc := resp.Header.Get("Location")
+	if resp.StatusCode != http.StatusAccepted || loc == "" {
+		return fmt.Errorf("%w: upload start answered %d, location %q", ErrInvalidResponse, resp.StatusCode, loc)
+	}
+	resp, err = c.Do(ctx, Request{Method: http.MethodPut, Repo: repo, URL: loc, Push: true,
+		Query:         url.Values{"digest": {d.String()}},
+		Header:        http.Header{"Content-Type": {"application/octet-stream"}},
+		Body:          open,
+		ContentLength: size})
+	if err != nil {
+		return err
+	}
+	drain(resp)
+	return nil
+}
+
+// Delete sends DELETE for a path under the repository (manifests/<ref> or
+// blobs/<digest>).
+func (c *Client) Delete(ctx context.Context, repo, path string) error {
+	resp, err := c.Do(ctx, Request{Method: http.MethodDelete, Repo: repo, Path: path, Push: true})
+	if err != nil {
+		return err
+	}
+	drain(resp)
+	return nil
 }
 
 // ReadLimited reads a metadata body of at most 4 MiB and closes it.

@@ -102,3 +102,13 @@ func (u *upstreamFlags) Set(v string) error {
 	*u = append(*u, [2]string{name, url})
 	return nil
 }
+
+// listFlag collects a repeated string flag.
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, ",") }
+
+func (l *listFlag) Set(v string) error {
+	*l = append(*l, v)
+	return nil
+}

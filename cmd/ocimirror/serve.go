@@ -45,8 +45,11 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		defaultUp  = fs.String("default-upstream", "", "`name` of the upstream for requests without ns or host prefix (default \"docker.io\")")
 		logFormat  = fs.String("log-format", "", "log `format`: text or json (default \"text\")")
 		logLevel   = fs.String("log-level", "", "log `level`: debug, info, warn or error (default \"info\")")
+		readOnly   = fs.Bool("read-only", false, "refuse every push and delete (405)")
 		ups        upstreamFlags
+		hosted     listFlag
 	)
+	fs.Var(&hosted, "hosted", "serve repositories under `PREFIX` (such as ci/) as ocimirror's own, with pushes (repeatable)")
 	fs.Var(&ups, "upstream", "add or replace an upstream as `NAME=URL` (repeatable), e.g. 127.0.0.1:5002=http://127.0.0.1:5002")
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), serveUsage)
@@ -56,6 +59,11 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		return code
 	}
 	cfg, err := loadConfig(*configFile, *listen, *data, *defaultUp, *logFormat, *logLevel, ups)
+	if err == nil && (len(hosted) > 0 || *readOnly) {
+		cfg.Hosted = append(cfg.Hosted, hosted...)
+		cfg.ReadOnly = cfg.ReadOnly || *readOnly
+		err = cfg.Validate()
+	}
 	if err != nil {
 		fmt.Fprintf(stderr, "ocimirror: %v\n", err)
 		return 1
@@ -151,10 +159,11 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		if err != nil {
 			return err
 		}
-		ups = append(ups, proxy.Upstream{Client: c, TagTTL: u.TagTTL.Duration})
+		ups = append(ups, proxy.Upstream{Client: c, TagTTL: u.TagTTL.Duration, Forward: u.Push == config.PushForward})
 	}
 	srv, err := proxy.New(proxy.Options{
 		Store: store, Upstreams: ups, DefaultUpstream: cfg.DefaultUpstream,
+		Hosted: cfg.Hosted, ReadOnly: cfg.ReadOnly,
 		Logger: logger, TracerProvider: tp,
 	})
 	if err != nil {
@@ -184,7 +193,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		names = append(names, u.Name+"="+u.URL)
 	}
 	logger.Info("ocimirror listening", "addr", ln.Addr().String(), "data", cfg.Storage.Path,
-		"default_upstream", cfg.DefaultUpstream, "upstreams", names, "version", version)
+		"default_upstream", cfg.DefaultUpstream, "upstreams", names, "hosted", cfg.Hosted, "read_only", cfg.ReadOnly, "version", version)
 
 	select {
 	case err := <-errc:
