@@ -62,9 +62,9 @@ type Options struct {
 	// Hosted are the repository prefixes ("ci/") ocimirror is the registry for.
 	Hosted []string
 	// ReadOnly refuses every push and delete.
-	ReadOnly bool
-	Logger   *slog.Logger
-	TracerProvider  trace.TracerProvider
+	ReadOnly       bool
+	Logger         *slog.Logger
+	TracerProvider trace.TracerProvider
 	// Clock is the time source (tests); time.Now if nil.
 	Clock func() time.Time
 }
