@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"io"
@@ -14,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/opencontainers/go-digest"
+	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/ocimirror/ocimirror/cache"
@@ -41,11 +44,12 @@ func (c *clock) Advance(d time.Duration) {
 }
 
 type upstreamDef struct {
-	name  string
-	reg   *registrytest.Registry
-	ttl   time.Duration
-	creds upstream.Credentials
-	url   string // overrides reg.URL
+	name    string
+	reg     *registrytest.Registry
+	ttl     time.Duration
+	creds   upstream.Credentials
+	url     string // overrides reg.URL
+	forward bool
 }
 
 // env is ocimirror on a real Badger store in a temporary directory, in front
@@ -57,6 +61,8 @@ type env struct {
 	upstreams   []upstreamDef
 	defaultName string
 	tracer      trace.TracerProvider
+	hosted      []string
+	readOnly    bool
 
 	badger *cache.Badger
 	store  cache.Store
@@ -68,8 +74,10 @@ type env struct {
 
 type option func(*env)
 
-func withUpstream(u upstreamDef) option { return func(e *env) { e.upstreams = append(e.upstreams, u) } }
-func withDefault(name string) option    { return func(e *env) { e.defaultName = name } }
+func withUpstream(u upstreamDef) option    { return func(e *env) { e.upstreams = append(e.upstreams, u) } }
+func withDefault(name string) option       { return func(e *env) { e.defaultName = name } }
+func withHosted(prefixes ...string) option { return func(e *env) { e.hosted = prefixes } }
+func withReadOnly() option                 { return func(e *env) { e.readOnly = true } }
 func withTracer(tp trace.TracerProvider) option {
 	return func(e *env) { e.tracer = tp }
 }
@@ -117,9 +125,10 @@ func (e *env) open() {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ups = append(ups, proxy.Upstream{Client: c, TagTTL: u.ttl})
+		ups = append(ups, proxy.Upstream{Client: c, TagTTL: u.ttl, Forward: u.forward})
 	}
 	e.srv, err = proxy.New(proxy.Options{Store: e.store, Upstreams: ups, DefaultUpstream: e.defaultName,
+		Hosted: e.hosted, ReadOnly: e.readOnly,
 		Logger: testLogger(t), Clock: e.clock.Now, TracerProvider: e.tracer})
 	if err != nil {
 		t.Fatal(err)
@@ -178,6 +187,64 @@ func (e *env) do(method, path string, headers ...string) response {
 	defer resp.Body.Close()
 	body, rerr := io.ReadAll(resp.Body)
 	return response{status: resp.StatusCode, header: resp.Header, body: body, err: rerr}
+}
+
+// send sends a request with a body to ocimirror.
+func (e *env) send(method, path string, body []byte, headers ...string) response {
+	e.t.Helper()
+	req, err := http.NewRequest(method, e.ts.URL+path, bytes.NewReader(body))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	for _, h := range headers {
+		k, v, _ := strings.Cut(h, ":")
+		req.Header.Add(k, strings.TrimSpace(v))
+	}
+	resp, err := e.ts.Client().Do(req)
+	if err != nil {
+		e.t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, rerr := io.ReadAll(resp.Body)
+	return response{status: resp.StatusCode, header: resp.Header, body: b, err: rerr}
+}
+
+// pushBlob pushes a blob through ocimirror in one POST.
+func (e *env) pushBlob(repo string, data []byte) digest.Digest {
+	e.t.Helper()
+	d := digest.FromBytes(data)
+	r := e.send(http.MethodPost, "/v2/"+repo+"/blobs/uploads/?digest="+d.String(), data)
+	if r.status != http.StatusCreated {
+		e.t.Fatalf("push blob to %s: %d %s", repo, r.status, r.body)
+	}
+	return d
+}
+
+// pushArtifact pushes an artifact with a subject through ocimirror by
+// digest and returns the PUT's response and the descriptor.
+func (e *env) pushArtifact(repo string, subject v1.Descriptor, artifactType string, annotations map[string]string) (response, v1.Descriptor) {
+	e.t.Helper()
+	data, blobs := registrytest.Artifact(subject, artifactType, annotations)
+	for _, b := range blobs {
+		e.pushBlob(repo, b)
+	}
+	d := digest.FromBytes(data)
+	r := e.send(http.MethodPut, "/v2/"+repo+"/manifests/"+d.String(), data, "Content-Type: "+v1.MediaTypeImageManifest)
+	return r, v1.Descriptor{MediaType: v1.MediaTypeImageManifest, Digest: d, Size: int64(len(data)), ArtifactType: artifactType, Annotations: annotations}
+}
+
+// referrersOf GETs a referrers answer and decodes it.
+func (e *env) referrersOf(path string) (response, []v1.Descriptor) {
+	e.t.Helper()
+	r := e.get(path)
+	if r.status != http.StatusOK || r.header.Get("Content-Type") != v1.MediaTypeImageIndex {
+		e.t.Fatalf("%s: %d %q %s", path, r.status, r.header.Get("Content-Type"), r.body)
+	}
+	var idx v1.Index
+	if err := json.Unmarshal(r.body, &idx); err != nil || idx.SchemaVersion != 2 || idx.MediaType != v1.MediaTypeImageIndex || idx.Manifests == nil {
+		e.t.Fatalf("%s: not an OCI index: %s", path, r.body)
+	}
+	return r, idx.Manifests
 }
 
 func (e *env) get(path string, headers ...string) response {

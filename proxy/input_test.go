@@ -167,7 +167,7 @@ func tokenAuth(tokens *int, mu *sync.Mutex) func(http.Handler) http.Handler {
 func TestProxy_TokenAuth(t *testing.T) {
 	var mu sync.Mutex
 	tokens := 0
-	reg := registrytest.New(t, tokenAuth(&tokens, &mu))
+	reg := registrytest.New(t, registrytest.WithMiddleware(tokenAuth(&tokens, &mu)))
 	e, _ := start(t, withUpstream(upstreamDef{name: "private.test", reg: reg,
 		creds: upstream.Credentials{Username: "user", Password: "secret"}}), withDefault("private.test"))
 	img := reg.PushImage(t, "team/app", "v1", 1000)

@@ -263,6 +263,7 @@ func (s *Server) updateFallbackIndex(ctx context.Context, q *request, subject di
 	if _, err := q.up.client.PutManifest(ctx, q.repo, tag, v1.MediaTypeImageIndex, data); err != nil {
 		return err
 	}
+	s.fallbackAbsent.Remove(cache.TagKey{Upstream: q.up.name, Repo: q.repo, Tag: tag})
 	nd := digest.SHA256.FromBytes(data)
 	if err := s.store.PutManifest(ctx, cache.Manifest{Digest: nd, MediaType: v1.MediaTypeImageIndex, Data: data}); err != nil {
 		return err
@@ -294,10 +295,12 @@ func (s *Server) deleteManifest(w http.ResponseWriter, r *http.Request, q *reque
 			if err := q.up.client.Delete(ctx, q.repo, "manifests/"+q.ref); err != nil {
 				return err
 			}
-		case e.Digest == "":
-			return unknown
-		case !q.up.hosted && !e.Local:
-			return errProxiedDelete
+		case q.up.hosted:
+			if e.Digest == "" {
+				return unknown
+			}
+		case !e.Local:
+			return errProxiedDelete // the upstream's tag; only pushed tags are ocimirror's to delete
 		}
 		if err := s.store.DeleteTag(ctx, tagKey); err != nil {
 			return err

@@ -18,9 +18,9 @@ import (
 	"github.com/ocimirror/ocimirror/upstream"
 )
 
-// maxFallbackEntries bounds how many entries of an upstream fallback index
-// are checked.
-const maxFallbackEntries = 1000
+// maxCandidates bounds how many referrers named by an upstream are fetched
+// and checked for one answer.
+const maxCandidates = 1000
 
 // maxReferrerPages bounds the pages of an upstream referrers answer followed.
 const maxReferrerPages = 100
@@ -70,76 +70,93 @@ func (s *Server) referrers(w http.ResponseWriter, r *http.Request, q *request) e
 	return nil
 }
 
-// referrersOf is the union of what is known of a subject's referrers: the
-// manifests with that subject ocimirror has cached or been pushed (which
-// include the checked entries of the upstream's fallback tag index) and
-// the upstream's referrers API answer. Upstream failures never fail the
-// answer: the last known upstream part, or none, is used and logged.
+// referrersOf is the union of what is known of a subject's referrers. The
+// upstream's referrers API and its fallback tag index name candidates;
+// each candidate's manifest is fetched once (then cached) and joins the
+// answer only if it carries the subject, described from its own bytes.
+// With every manifest with that subject ocimirror has cached or been
+// pushed, indexed as it was stored, that is the answer. Upstream failures
+// never fail it: the last known upstream part is used, or none, and
+// candidates that cannot be fetched now are listed as the upstream
+// describes them.
 func (s *Server) referrersOf(ctx context.Context, q *request, subject digest.Digest) ([]v1.Descriptor, error) {
 	key := cache.ReferrerKey{Upstream: q.up.name, Repo: q.repo, Subject: subject}
 	if q.up.hosted {
 		local, err := s.store.ListReferrers(ctx, key)
 		return referrers.Merge(local), err
 	}
-	s.checkFallbackIndex(ctx, q, key)
-	remote := s.upstreamReferrers(ctx, q, key)
+	candidates := append(s.upstreamReferrers(ctx, q, key), s.fallbackEntries(ctx, q, key)...)
 	local, err := s.store.ListReferrers(ctx, key)
 	if err != nil {
 		return nil, err
 	}
-	return referrers.Merge(local, remote), nil
+	indexed := make(map[digest.Digest]bool, len(local))
+	for _, d := range local {
+		indexed[d.Digest] = true
+	}
+	var unverified []v1.Descriptor
+	added := false
+	for _, c := range candidates[:min(len(candidates), maxCandidates)] {
+		if indexed[c.Digest] {
+			continue
+		}
+		indexed[c.Digest] = true
+		m, how, err := s.manifestFor(ctx, q.up, q.repo, c.Digest)
+		if err != nil {
+			s.log.Warn("fetching a listed referrer", "upstream", q.up.name, "repo", q.repo, "digest", c.Digest, "err", err)
+			unverified = append(unverified, c)
+			continue
+		}
+		if referrers.Subject(m.Data) != subject {
+			continue // it does not refer to this subject: dropped
+		}
+		if how == "hit" {
+			s.observe(ctx, q.up.name, q.repo, m) // cached before it was indexed
+		}
+		added = true
+	}
+	if added {
+		if local, err = s.store.ListReferrers(ctx, key); err != nil {
+			return nil, err
+		}
+	}
+	return referrers.Merge(local, unverified), nil
 }
 
-// checkFallbackIndex reads the upstream's fallback tag index of a subject
-// (a tag like any other: TTL, HEAD revalidation, stale on failure) and
-// fetches each manifest it lists. Fetched manifests are indexed under
-// their own subject as they are cached, so an entry whose manifest does
-// not carry this subject never joins the answer. An index is checked once
-// per digest.
-func (s *Server) checkFallbackIndex(ctx context.Context, q *request, key cache.ReferrerKey) {
-	tag := referrers.FallbackTag(key.Subject)
-	e, _, err := s.resolveTagEntry(ctx, q.up, cache.TagKey{Upstream: q.up.name, Repo: q.repo, Tag: tag}, false)
+// fallbackEntries returns the entries of the upstream's fallback tag index
+// of a subject: a tag like any other (TTL, HEAD revalidation, stale on
+// failure); its absence is remembered for the TTL too.
+func (s *Server) fallbackEntries(ctx context.Context, q *request, key cache.ReferrerKey) []v1.Descriptor {
+	tk := cache.TagKey{Upstream: q.up.name, Repo: q.repo, Tag: referrers.FallbackTag(key.Subject)}
+	if at, ok := s.fallbackAbsent.Get(tk); ok && s.now().Sub(at) < q.up.tagTTL {
+		return nil
+	}
+	e, _, err := s.resolveTagEntry(ctx, q.up, tk, false)
 	if err != nil {
-		if !errors.Is(err, upstream.ErrNotFound) && !errors.Is(err, upstream.ErrDenied) {
-			s.log.Warn("reading the upstream's referrers fallback tag", "upstream", q.up.name, "repo", q.repo, "tag", tag, "err", err)
+		if errors.Is(err, upstream.ErrNotFound) || errors.Is(err, upstream.ErrDenied) {
+			s.fallbackAbsent.Add(tk, s.now())
+		} else {
+			s.log.Warn("reading the upstream's referrers fallback tag", "upstream", q.up.name, "repo", q.repo, "tag", tk.Tag, "err", err)
 		}
-		return
+		return nil
 	}
-	if seen, ok := s.fallbackSeen.Get(key); ok && seen == e.Digest {
-		return
-	}
+	s.fallbackAbsent.Remove(tk)
 	idx, _, err := s.manifestFor(ctx, q.up, q.repo, e.Digest)
 	if err != nil {
-		s.log.Warn("reading the upstream's referrers fallback index", "upstream", q.up.name, "repo", q.repo, "tag", tag, "err", err)
-		return
+		s.log.Warn("reading the upstream's referrers fallback index", "upstream", q.up.name, "repo", q.repo, "tag", tk.Tag, "err", err)
+		return nil
 	}
 	ds, err := referrers.ParseIndex(idx.Data)
 	if err != nil {
-		s.log.Warn("the upstream's referrers fallback tag is not an index", "upstream", q.up.name, "repo", q.repo, "tag", tag, "err", err)
-		s.fallbackSeen.Add(key, e.Digest)
-		return
+		s.log.Warn("the upstream's referrers fallback tag is not an index", "upstream", q.up.name, "repo", q.repo, "tag", tk.Tag, "err", err)
+		return nil
 	}
-	complete := true
-	for _, d := range ds[:min(len(ds), maxFallbackEntries)] {
-		m, how, err := s.manifestFor(ctx, q.up, q.repo, d.Digest)
-		if err != nil {
-			complete = false
-			s.log.Warn("fetching a referrer listed in the fallback index", "upstream", q.up.name, "repo", q.repo, "digest", d.Digest, "err", err)
-			continue
-		}
-		if how == "hit" && referrers.Subject(m.Data) == key.Subject {
-			s.observe(ctx, q.up.name, q.repo, m) // cached before it was listed
-		}
-	}
-	if complete {
-		s.fallbackSeen.Add(key, e.Digest)
-	}
+	return ds
 }
 
 // upstreamReferrers returns the upstream referrers API's answer: cached
 // for the tag TTL, nothing when the repository has no such API (a state
 // remembered for an hour), the last known answer when the upstream fails.
-// Entries whose cached manifest has another subject are dropped.
 func (s *Server) upstreamReferrers(ctx context.Context, q *request, key cache.ReferrerKey) []v1.Descriptor {
 	ck := capKey(q.up, q.repo)
 	if s.refCaps.Get(ck, s.now()) == referrers.Unsupported {
@@ -149,7 +166,7 @@ func (s *Server) upstreamReferrers(ctx context.Context, q *request, key cache.Re
 	known := err == nil
 	if known && s.now().Sub(old.CheckedAt) < q.up.tagTTL {
 		q.setCache("hit")
-		return s.withSubject(ctx, old.Descriptors, key.Subject)
+		return old.Descriptors
 	}
 	v, err, _ := s.flightDo(ctx, "R\x00"+key.Upstream+"\x00"+key.Repo+"\x00"+key.Subject.String(), func(ctx context.Context) (any, error) {
 		ds, support, err := fetchReferrers(ctx, q.up.client, q.repo, key.Subject)
@@ -167,25 +184,12 @@ func (s *Server) upstreamReferrers(ctx context.Context, q *request, key cache.Re
 			"subject", key.Subject, "known", known, "err", err)
 		if known {
 			q.setCache("stale")
-			return s.withSubject(ctx, old.Descriptors, key.Subject)
+			return old.Descriptors
 		}
 		return nil
 	}
 	q.setCache("miss")
-	return s.withSubject(ctx, v.([]v1.Descriptor), key.Subject)
-}
-
-// withSubject drops descriptors whose manifest ocimirror holds and finds
-// to carry another subject.
-func (s *Server) withSubject(ctx context.Context, ds []v1.Descriptor, subject digest.Digest) []v1.Descriptor {
-	out := make([]v1.Descriptor, 0, len(ds))
-	for _, d := range ds {
-		if m, err := s.store.GetManifest(ctx, d.Digest); err == nil && referrers.Subject(m.Data) != subject {
-			continue
-		}
-		out = append(out, d)
-	}
-	return out
+	return v.([]v1.Descriptor)
 }
 
 // fetchReferrers calls an upstream's referrers API and classifies the

@@ -18,7 +18,6 @@ import (
 
 	"github.com/gorilla/mux"
 	lru "github.com/hashicorp/golang-lru/v2"
-	"github.com/opencontainers/go-digest"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
@@ -99,9 +98,9 @@ type Server struct {
 	tagLists *lru.Cache[string, tagList]
 	uploads  uploads
 	// refCaps is each upstream repository's referrers API state;
-	// fallbackSeen is the fallback index digest last verified per subject.
-	refCaps      *referrers.Capabilities
-	fallbackSeen *lru.Cache[cache.ReferrerKey, digest.Digest]
+	// fallbackAbsent remembers when a fallback tag was last found missing.
+	refCaps        *referrers.Capabilities
+	fallbackAbsent *lru.Cache[cache.TagKey, time.Time]
 	// fallbackMu serializes ocimirror's own updates of upstream fallback
 	// tag indexes.
 	fallbackMu sync.Mutex
@@ -131,21 +130,21 @@ func New(o Options) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	fs, err := lru.New[cache.ReferrerKey, digest.Digest](4096)
+	fa, err := lru.New[cache.TagKey, time.Time](16384)
 	if err != nil {
 		return nil, err
 	}
 	s := &Server{
-		store:        o.Store,
-		upstreams:    map[string]*upstreamState{},
-		hosted:       &upstreamState{hosted: true},
-		readOnly:     o.ReadOnly,
-		log:          o.Logger,
-		tracer:       o.TracerProvider.Tracer("github.com/ocimirror/ocimirror/proxy"),
-		now:          o.Clock,
-		tagLists:     tl,
-		refCaps:      referrers.NewCapabilities(time.Hour),
-		fallbackSeen: fs,
+		store:          o.Store,
+		upstreams:      map[string]*upstreamState{},
+		hosted:         &upstreamState{hosted: true},
+		readOnly:       o.ReadOnly,
+		log:            o.Logger,
+		tracer:         o.TracerProvider.Tracer("github.com/ocimirror/ocimirror/proxy"),
+		now:            o.Clock,
+		tagLists:       tl,
+		refCaps:        referrers.NewCapabilities(time.Hour),
+		fallbackAbsent: fa,
 	}
 	for _, p := range o.Hosted {
 		s.hostedPrefixes = append(s.hostedPrefixes, strings.TrimSuffix(p, "/")+"/")

@@ -35,16 +35,36 @@ type Registry struct {
 	inner     http.Handler // the registry itself, for pushes
 }
 
-// New starts a registry on 127.0.0.1, stopped when the test ends.
-// Middleware, when given, wraps the registry (auth, for example); counted
-// requests are those that reach the middleware. The Push methods go to the
-// registry directly, past middleware and counts.
-func New(t testing.TB, middleware ...func(http.Handler) http.Handler) *Registry {
+// Option configures New.
+type Option func(*options)
+
+type options struct {
+	middleware []func(http.Handler) http.Handler
+	referrers  bool
+}
+
+// WithMiddleware wraps the registry (auth, for example); counted requests
+// are those that reach the middleware.
+func WithMiddleware(m func(http.Handler) http.Handler) Option {
+	return func(o *options) { o.middleware = append(o.middleware, m) }
+}
+
+// WithReferrersAPI turns on the registry's referrers API (off by default,
+// like Docker Hub, GHCR and distribution).
+func WithReferrersAPI() Option { return func(o *options) { o.referrers = true } }
+
+// New starts a registry on 127.0.0.1, stopped when the test ends. The Push
+// methods go to the registry directly, past middleware and counts.
+func New(t testing.TB, opts ...Option) *Registry {
 	t.Helper()
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
 	r := &Registry{counts: map[string]int{}}
-	r.inner = registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	r.inner = registry.New(registry.Logger(log.New(io.Discard, "", 0)), registry.WithReferrersSupport(o.referrers))
 	h := r.inner
-	for _, m := range middleware {
+	for _, m := range o.middleware {
 		h = m(h)
 	}
 	r.handler = h
@@ -195,6 +215,64 @@ func (r *Registry) PushImage(t testing.TB, repo, tag string, layerSizes ...int) 
 	}
 	img.Digest = r.PushManifest(t, repo, tag, v1.MediaTypeImageManifest, img.Manifest)
 	return img
+}
+
+// Artifact builds an OCI artifact manifest (empty config, one small layer)
+// with a subject, an artifact type and annotations.
+func Artifact(subject v1.Descriptor, artifactType string, annotations map[string]string) (manifest []byte, blobs [][]byte) {
+	config := []byte("{}")
+	layer := []byte(rand.Text())
+	m := v1.Manifest{
+		Versioned:    specs.Versioned{SchemaVersion: 2},
+		MediaType:    v1.MediaTypeImageManifest,
+		ArtifactType: artifactType,
+		Config:       v1.Descriptor{MediaType: v1.MediaTypeEmptyJSON, Digest: digest.FromBytes(config), Size: int64(len(config))},
+		Layers:       []v1.Descriptor{{MediaType: "application/octet-stream", Digest: digest.FromBytes(layer), Size: int64(len(layer))}},
+		Subject:      &subject,
+		Annotations:  annotations,
+	}
+	data, _ := json.Marshal(m)
+	return data, [][]byte{config, layer}
+}
+
+// PushArtifact pushes an artifact with a subject by digest, as oras attach
+// does, and returns its descriptor as a referrers answer lists it.
+func (r *Registry) PushArtifact(t testing.TB, repo string, subject v1.Descriptor, artifactType string, annotations map[string]string) v1.Descriptor {
+	t.Helper()
+	data, blobs := Artifact(subject, artifactType, annotations)
+	for _, b := range blobs {
+		r.PushBlob(t, repo, b)
+	}
+	d := r.PushManifest(t, repo, digest.FromBytes(data).String(), v1.MediaTypeImageManifest, data)
+	return v1.Descriptor{MediaType: v1.MediaTypeImageManifest, Digest: d, Size: int64(len(data)), ArtifactType: artifactType, Annotations: annotations}
+}
+
+// PushFallbackIndex writes the referrers fallback tag index of subject
+// (sha256-<hex>), as clients do on a registry without the referrers API.
+func (r *Registry) PushFallbackIndex(t testing.TB, repo string, subject digest.Digest, ds ...v1.Descriptor) digest.Digest {
+	t.Helper()
+	idx := v1.Index{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: v1.MediaTypeImageIndex, Manifests: ds}
+	if idx.Manifests == nil {
+		idx.Manifests = []v1.Descriptor{}
+	}
+	data, _ := json.Marshal(idx)
+	return r.PushManifest(t, repo, subject.Algorithm().String()+"-"+subject.Encoded(), v1.MediaTypeImageIndex, data)
+}
+
+// Get fetches a path from the registry itself (not counted).
+func (r *Registry) Get(path string, accept ...string) *http.Response {
+	req := httptest.NewRequest(http.MethodGet, path, nil)
+	for _, a := range accept {
+		req.Header.Add("Accept", a)
+	}
+	rec := httptest.NewRecorder()
+	r.inner.ServeHTTP(rec, req)
+	return rec.Result()
+}
+
+// Descriptor is the descriptor of a pushed image's manifest.
+func (img Image) Descriptor() v1.Descriptor {
+	return v1.Descriptor{MediaType: v1.MediaTypeImageManifest, Digest: img.Digest, Size: int64(len(img.Manifest))}
 }
 
 // RandomBytes returns n random bytes.
