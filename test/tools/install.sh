@@ -16,10 +16,19 @@ declare -A modules=(
   [regctl]=github.com/regclient/regclient/cmd/regctl@v0.11.7
   [crane]=github.com/google/go-containerregistry/cmd/crane@v0.22.1
 )
+conformance=github.com/opencontainers/distribution-spec/conformance@v0.0.0-20260831232431-97274622c111
+
 wanted=("$@")
-[ ${#wanted[@]} -gt 0 ] || wanted=(registry oras regctl crane)
+[ ${#wanted[@]} -gt 0 ] || wanted=(registry oras regctl crane oci-conformance)
 for name in "${wanted[@]}"; do
   if [ -x "$bin/$name" ]; then continue; fi
+  if [ "$name" = oci-conformance ]; then
+    # The suite is a main package with its own go.mod: build it in place.
+    echo "installing oci-conformance ($conformance)" >&2
+    dir=$(go mod download -json "$conformance" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+    (cd "$dir" && GOFLAGS=-mod=mod go build -o "$bin/oci-conformance" .)
+    continue
+  fi
   echo "installing $name (${modules[$name]})" >&2
   GOBIN="$bin" GOFLAGS=-buildvcs=false go install "${modules[$name]}"
 done
@@ -27,6 +36,9 @@ done
 if [ $# -eq 0 ]; then
   packages=()
   command -v wrk >/dev/null || packages+=(wrk)
+  command -v docker-registry >/dev/null || packages+=(docker-registry)
+  command -v containerd >/dev/null || packages+=(containerd)
+  command -v skopeo >/dev/null || packages+=(skopeo)
   if [ ${#packages[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
       echo "installing Debian packages: ${packages[*]}" >&2
