@@ -145,7 +145,9 @@ upstreams:
 		orasDiscover(t, oras, om.host+"/app:v1", "--artifact-type", "application/vnd.e2e.sig"), want[1])
 	same(t, "regctl artifact list --filter-artifact-type through ocimirror",
 		regctlList(t, regctl, env, om.host+"/app:v1", "--filter-artifact-type", "application/vnd.e2e.sbom"), want[0])
-	if !slices.ContainsFunc(om.requestLines(), func(l string) bool { return strings.Contains(l, "/referrers/"+subject) && strings.Contains(l, "status=200") }) {
+	if !slices.ContainsFunc(om.requestLines(), func(l string) bool {
+		return strings.Contains(l, "/referrers/"+subject) && strings.Contains(l, "status=200")
+	}) {
 		t.Error("the clients did not use ocimirror's referrers API")
 	}
 
