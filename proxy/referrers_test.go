@@ -280,3 +280,24 @@ func TestProxy_Referrers_PagedBeyondLimit(t *testing.T) {
 	}
 	sameDescriptors(t, got, want...)
 }
+
+func TestProxy_Referrers_Dedup(t *testing.T) {
+	// The same referrer named by the upstream API, the fallback index and a
+	// push to ocimirror is listed once.
+	reg := registrytest.New(t, registrytest.WithReferrersAPI())
+	e, _ := start(t, withUpstream(upstreamDef{name: "up.test", reg: reg}), withDefault("up.test"))
+	img := reg.PushImage(t, "app", "v1", 10)
+	data, blobs := registrytest.Artifact(img.Descriptor(), sigType, map[string]string{"once": "yes"})
+	for _, b := range blobs {
+		reg.PushBlob(t, "app", b)
+		e.pushBlob("app", b)
+	}
+	d := reg.PushManifest(t, "app", digest.FromBytes(data).String(), v1.MediaTypeImageManifest, data)
+	desc := v1.Descriptor{MediaType: v1.MediaTypeImageManifest, Digest: d, Size: int64(len(data)), ArtifactType: sigType, Annotations: map[string]string{"once": "yes"}}
+	reg.PushFallbackIndex(t, "app", img.Digest, desc, desc)
+	if r := e.send("PUT", "/v2/app/manifests/"+d.String(), data, "Content-Type: "+v1.MediaTypeImageManifest); r.status != 201 {
+		t.Fatalf("push: %d %s", r.status, r.body)
+	}
+	_, got := e.referrersOf("/v2/app/referrers/" + img.Digest.String())
+	sameDescriptors(t, got, desc)
+}
