@@ -210,11 +210,10 @@ func startDistribution(t *testing.T, bin string) *registryServer {
 	t.Helper()
 	r := &registryServer{host: freeAddr(t), dir: t.TempDir(), bin: tool(t, bin)}
 	r.conf = filepath.Join(r.dir, "config.yml")
+	// The access log (one line a request) counts what reaches the upstream.
 	cfg := fmt.Sprintf(`version: 0.1
 log:
   level: error
-  accesslog:
-    disabled: true
 storage:
   filesystem:
     rootdirectory: %s
@@ -233,13 +232,32 @@ http:
 // restart starts the registry (again) on the same data and address.
 func (r *registryServer) restart(t *testing.T) {
 	t.Helper()
-	args := []string{"serve", r.conf}
-	if filepath.Base(r.bin) == "docker-registry" {
-		args = []string{"serve", r.conf}
-	}
 	// distribution v3 exports traces to localhost:4318 unless told not to.
-	r.proc = startProc(t, r.bin, []string{"OTEL_TRACES_EXPORTER=none"}, args...)
+	r.proc = startProc(t, r.bin, []string{"OTEL_TRACES_EXPORTER=none"}, "serve", r.conf)
 	waitHTTP(t, r.proc, "http://"+r.host+"/v2/")
+}
+
+var accessRE = regexp.MustCompile(`"(GET|HEAD|PUT|POST|PATCH|DELETE) (/v2/\S*) HTTP/`)
+
+// accessLines returns the requests in this process's access log.
+func (p *proc) accessLines() []string {
+	var out []string
+	for _, m := range accessRE.FindAllStringSubmatch(p.log.String(), -1) {
+		out = append(out, m[1]+" "+m[2])
+	}
+	return out
+}
+
+// requests returns the API requests the registry has served since it was
+// (re)started last, /v2/ pings left out.
+func (r *registryServer) requests() []string {
+	var out []string
+	for _, l := range r.proc.accessLines() {
+		if !strings.HasSuffix(l, " /v2/") {
+			out = append(out, l)
+		}
+	}
+	return out
 }
 
 // mirror is a running ocimirror.
