@@ -185,7 +185,7 @@ func TestE2E_DockerMirrorProtocol(t *testing.T) {
 				}
 				var list struct {
 					Manifests []struct {
-						Digest   string `json:"digest"`
+						Digest   string                        `json:"digest"`
 						Platform struct{ Architecture string } `json:"platform"`
 					} `json:"manifests"`
 				}
@@ -201,7 +201,7 @@ func TestE2E_DockerMirrorProtocol(t *testing.T) {
 					t.Fatalf("%s@%s: %d", name, amd64, st)
 				}
 				var m struct {
-					Config struct{ Digest string } `json:"config"`
+					Config struct{ Digest string }   `json:"config"`
 					Layers []struct{ Digest string } `json:"layers"`
 				}
 				_ = json.Unmarshal(mbody, &m)
