@@ -9,7 +9,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/gorilla/mux"
 
 	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/upstream"
@@ -20,12 +19,10 @@ const clientWriteTimeout = 2 * time.Minute
 
 // blob serves GET and HEAD /v2/<name>/blobs/<digest>.
 func (s *Server) blob(w http.ResponseWriter, r *http.Request, q *request) error {
-	q.ref = mux.Vars(r)["digest"]
-	d, err := parseDigest(q.ref)
-	if err != nil {
+	if err := q.parseDigestVar(r); err != nil {
 		return err
 	}
-	q.dgst = d
+	d := q.dgst
 	ctx := r.Context()
 	if q.up.hosted {
 		return s.hostedBlob(w, r, q)

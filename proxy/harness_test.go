@@ -169,27 +169,13 @@ type response struct {
 	err    error // from reading the body: a cut connection
 }
 
-// do sends a request to ocimirror; headers are "Name: value" strings.
+// do sends a request without a body to ocimirror.
 func (e *env) do(method, path string, headers ...string) response {
 	e.t.Helper()
-	req, err := http.NewRequest(method, e.ts.URL+path, nil)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	for _, h := range headers {
-		k, v, _ := strings.Cut(h, ":")
-		req.Header.Add(k, strings.TrimSpace(v))
-	}
-	resp, err := e.ts.Client().Do(req)
-	if err != nil {
-		e.t.Fatalf("%s %s: %v", method, path, err)
-	}
-	defer resp.Body.Close()
-	body, rerr := io.ReadAll(resp.Body)
-	return response{status: resp.StatusCode, header: resp.Header, body: body, err: rerr}
+	return e.send(method, path, nil, headers...)
 }
 
-// send sends a request with a body to ocimirror.
+// send sends a request to ocimirror; headers are "Name: value" strings.
 func (e *env) send(method, path string, body []byte, headers ...string) response {
 	e.t.Helper()
 	req, err := http.NewRequest(method, e.ts.URL+path, bytes.NewReader(body))

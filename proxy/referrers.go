@@ -9,7 +9,6 @@ import (
 	"net/url"
 	"strconv"
 
-	"github.com/gorilla/mux"
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 
@@ -30,12 +29,10 @@ const maxReferrerPages = 100
 // when asked (and said so in OCI-Filters-Applied), all in one response up
 // to 4 MiB and paged with Link beyond.
 func (s *Server) referrers(w http.ResponseWriter, r *http.Request, q *request) error {
-	q.ref = mux.Vars(r)["digest"]
-	d, err := parseDigest(q.ref)
-	if err != nil {
+	if err := q.parseDigestVar(r); err != nil {
 		return err
 	}
-	q.dgst = d
+	d := q.dgst
 	ds, err := s.referrersOf(r.Context(), q, d)
 	if err != nil {
 		return err

@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"strings"
 
+	"github.com/gorilla/mux"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ocimirror/ocimirror/config"
@@ -115,6 +116,17 @@ func (q *request) parseReference(ref string) error {
 	if !validTag(ref) {
 		return ErrTagInvalid(ref)
 	}
+	return nil
+}
+
+// parseDigestVar takes the request's {digest} path variable as its digest.
+func (q *request) parseDigestVar(r *http.Request) error {
+	q.ref = mux.Vars(r)["digest"]
+	d, err := parseDigest(q.ref)
+	if err != nil {
+		return err
+	}
+	q.dgst = d
 	return nil
 }
 

@@ -415,12 +415,10 @@ func (s *Server) mount(ctx context.Context, q *request, d digest.Digest, from st
 // repository it removes the repository's link; a forwarding upstream
 // deletes its copy; other proxied content cannot be deleted.
 func (s *Server) deleteBlob(w http.ResponseWriter, r *http.Request, q *request) error {
-	q.ref = mux.Vars(r)["digest"]
-	d, err := parseDigest(q.ref)
-	if err != nil {
+	if err := q.parseDigestVar(r); err != nil {
 		return err
 	}
-	q.dgst = d
+	d := q.dgst
 	ctx := r.Context()
 	switch {
 	case q.up.hosted:
