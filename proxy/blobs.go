@@ -9,7 +9,6 @@ import (
 	"strings"
 	"time"
 
-
 	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/upstream"
 )
