@@ -654,16 +654,8 @@ func (e TagEntry) encode() []byte {
 	b = appendString(b, string(e.Digest))
 	b = appendString(b, e.MediaType)
 	b = binary.AppendVarint(b, e.Size)
-	b = binary.AppendVarint(b, e.CheckedAt.UnixNano())
-	var flags byte
-	if e.Local {
-		flags |= tagLocal
-	}
-	return append(b, flags)
+	return binary.AppendVarint(b, e.CheckedAt.UnixNano())
 }
-
-// tagLocal is the flag byte's bit for TagEntry.Local.
-const tagLocal = 1
 
 func decodeTagEntry(v []byte) (TagEntry, error) {
 	var e TagEntry
@@ -686,11 +678,7 @@ func decodeTagEntry(v []byte) (TagEntry, error) {
 	if n2 <= 0 {
 		return e, ErrCorrupt
 	}
-	e = TagEntry{Digest: digest.Digest(d), MediaType: mt, Size: size, CheckedAt: time.Unix(0, at)}
-	if flags := rest[n+n2:]; len(flags) > 0 {
-		e.Local = flags[0]&tagLocal != 0
-	}
-	return e, nil
+	return TagEntry{Digest: digest.Digest(d), MediaType: mt, Size: size, CheckedAt: time.Unix(0, at)}, nil
 }
 
 // GetTag implements TagStore.

@@ -106,9 +106,6 @@ type TagEntry struct {
 	Size      int64
 	// CheckedAt is when the upstream last confirmed the digest.
 	CheckedAt time.Time
-	// Local marks a tag pushed to ocimirror and not to the upstream: it is
-	// answered without revalidation.
-	Local bool
 }
 
 // Tag is a tag with its entry.

@@ -293,7 +293,7 @@ func TestStore(t *testing.T) {
 				}
 			})
 
-			t.Run("tag listing and local tags", func(t *testing.T) {
+			t.Run("tag listing", func(t *testing.T) {
 				s, closeFn := sc.open(t, t.TempDir())
 				defer closeFn()
 				d := digest.FromString("m")
@@ -301,12 +301,12 @@ func TestStore(t *testing.T) {
 					{Upstream: "u", Repo: "a", Tag: "v2"}, {Upstream: "u", Repo: "a", Tag: "v1"},
 					{Upstream: "u", Repo: "a/b", Tag: "x"}, {Upstream: "", Repo: "a", Tag: "hosted"},
 				} {
-					if err := s.PutTag(ctx, k, cache.TagEntry{Digest: d, Local: k.Tag == "v2"}); err != nil {
+					if err := s.PutTag(ctx, k, cache.TagEntry{Digest: d, Size: int64(len(k.Tag))}); err != nil {
 						t.Fatal(err)
 					}
 				}
 				tags, err := s.ListTags(ctx, "u", "a")
-				if err != nil || len(tags) != 2 || tags[0].Name != "v1" || tags[1].Name != "v2" || tags[0].Local || !tags[1].Local {
+				if err != nil || len(tags) != 2 || tags[0].Name != "v1" || tags[1].Name != "v2" || tags[0].Digest != d || tags[1].Size != 2 {
 					t.Fatalf("ListTags: %+v %v", tags, err)
 				}
 				if tags, _ := s.ListTags(ctx, "", "a"); len(tags) != 1 || tags[0].Name != "hosted" {

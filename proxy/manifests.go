@@ -207,7 +207,7 @@ func (s *Server) resolveTag(ctx context.Context, q *request, head bool) (cache.T
 }
 
 // resolveTagEntry returns what an upstream tag points at: from cache within
-// its TTL (and always for a tag pushed locally), else revalidated upstream
+// its TTL, else revalidated upstream
 // with HEAD (GET for a tag never seen by a GET), else, when the upstream
 // fails transiently, the last known answer.
 func (s *Server) resolveTagEntry(ctx context.Context, up *upstreamState, key cache.TagKey, head bool) (cache.TagEntry, string, error) {
@@ -216,7 +216,7 @@ func (s *Server) resolveTagEntry(ctx context.Context, up *upstreamState, key cac
 	if err != nil && !errors.Is(err, cache.ErrNotFound) {
 		return cache.TagEntry{}, "", err
 	}
-	if known && (old.Local || s.now().Sub(old.CheckedAt) < up.tagTTL) {
+	if known && s.now().Sub(old.CheckedAt) < up.tagTTL {
 		return old, "hit", nil
 	}
 	v, err, shared := s.flightDo(ctx, "t\x00"+key.Upstream+"\x00"+key.Repo+"\x00"+key.Tag, func(ctx context.Context) (any, error) {

@@ -50,6 +50,9 @@ func (s *Server) putManifest(w http.ResponseWriter, r *http.Request, q *request)
 	if err != nil {
 		return err
 	}
+	if len(tags) > 0 && !q.up.hosted && !q.up.forward {
+		return errProxiedTag
+	}
 	data, err := io.ReadAll(io.LimitReader(r.Body, maxManifest+1))
 	if err != nil {
 		return err
@@ -103,7 +106,7 @@ func (s *Server) putManifest(w http.ResponseWriter, r *http.Request, q *request)
 	}
 	s.observe(ctx, q.up.name, q.repo, man)
 	for _, tag := range tags {
-		e := cache.TagEntry{Digest: d, MediaType: mt, Size: int64(len(data)), CheckedAt: s.now(), Local: !q.up.hosted && !q.up.forward}
+		e := cache.TagEntry{Digest: d, MediaType: mt, Size: int64(len(data)), CheckedAt: s.now()}
 		if err := s.store.PutTag(ctx, cache.TagKey{Upstream: q.up.name, Repo: q.repo, Tag: tag}, e); err != nil {
 			return err
 		}
@@ -128,6 +131,11 @@ func (s *Server) putManifest(w http.ResponseWriter, r *http.Request, q *request)
 	w.WriteHeader(http.StatusCreated)
 	return nil
 }
+
+// errProxiedTag refuses a tag pushed to a proxied repository that does not
+// forward: the tag would shadow the upstream's for every client.
+var errProxiedTag = &Error{Code: CodeUnsupported, Message: "tags of a proxied repository come from its upstream; " +
+	"push by digest (referrers join at once), push to a hosted repository, or set push: forward on the upstream"}
 
 // tagParams returns the tags a PUT sets: the reference when it is a tag,
 // and the ?tag= parameters of a PUT by digest.
@@ -295,12 +303,10 @@ func (s *Server) deleteManifest(w http.ResponseWriter, r *http.Request, q *reque
 			if err := q.up.client.Delete(ctx, q.repo, "manifests/"+q.ref); err != nil {
 				return err
 			}
-		case q.up.hosted:
-			if e.Digest == "" {
-				return unknown
-			}
-		case !e.Local:
-			return errProxiedDelete // the upstream's tag; only pushed tags are ocimirror's to delete
+		case !q.up.hosted:
+			return errProxiedDelete
+		case e.Digest == "":
+			return unknown
 		}
 		if err := s.store.DeleteTag(ctx, tagKey); err != nil {
 			return err

@@ -3,7 +3,6 @@ package proxy
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -83,33 +82,21 @@ func (s *Server) tags(w http.ResponseWriter, r *http.Request, q *request) error 
 }
 
 // tagList returns the repository's tags: a hosted repository's from the
-// store; an upstream's list (cached within the TTL, else fetched once for
-// concurrent callers, else stale on a transient failure) with the tags
-// pushed to ocimirror alone added.
+// store; an upstream's cached within the TTL, else fetched once for
+// concurrent callers, else stale on a transient failure.
 func (s *Server) tagList(ctx context.Context, q *request) (tagList, error) {
+	if !q.up.hosted {
+		return s.upstreamTagList(ctx, q)
+	}
 	stored, err := s.store.ListTags(ctx, q.up.name, q.repo)
 	if err != nil {
 		return tagList{}, err
 	}
-	var local []string
+	l := tagList{tags: make([]string, 0, len(stored))}
 	for _, t := range stored {
-		if q.up.hosted || t.Local {
-			local = append(local, t.Name)
-		}
+		l.tags = append(l.tags, t.Name)
 	}
-	if q.up.hosted {
-		return tagList{tags: local}, nil
-	}
-	l, err := s.upstreamTagList(ctx, q)
-	if errors.Is(err, upstream.ErrNotFound) && len(local) > 0 {
-		l, err = tagList{}, nil
-	}
-	if err != nil || len(local) == 0 {
-		return l, err
-	}
-	merged := append(slices.Clone(l.tags), local...)
-	slices.Sort(merged)
-	return tagList{tags: slices.Compact(merged), checked: l.checked}, nil
+	return l, nil
 }
 
 func (s *Server) upstreamTagList(ctx context.Context, q *request) (tagList, error) {
