@@ -241,20 +241,18 @@ func (s *Server) updateFallbackIndex(ctx context.Context, q *request, subject di
 				Message: "the upstream's referrers fallback tag holds something other than an image index", Detail: map[string]string{"tag": tag}}
 		}
 	}
+	listed := false
 	kept := idx.Manifests[:0]
-	changed := false
 	for _, m := range idx.Manifests {
-		if m.Digest == remove || (add != nil && m.Digest == add.Digest) {
-			changed = changed || m.Digest == remove
-			if add == nil || m.Digest != add.Digest {
-				continue
-			}
-			add = nil // already listed
+		if m.Digest == remove {
+			continue
 		}
+		listed = listed || (add != nil && m.Digest == add.Digest)
 		kept = append(kept, m)
 	}
+	changed := len(kept) != len(idx.Manifests)
 	idx.Manifests = kept
-	if add != nil {
+	if add != nil && !listed {
 		idx.Manifests = append(idx.Manifests, *add)
 		changed = true
 	}

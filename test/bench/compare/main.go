@@ -637,14 +637,16 @@ func printTable(w io.Writer, o options, targets []*target, direct *target) {
 	row := func(name, unit string, key string, higherBetter bool, format string) {
 		a, b := median(dist.results[key]), median(om.results[key])
 		ratio := "-"
-		if a > 0 && b > 0 {
-			if higherBetter {
-				ratio = fmt.Sprintf("%.2fx", b/a)
-			} else {
-				ratio = fmt.Sprintf("%.2fx less", a/b)
-			}
+		switch {
+		case a <= 0 || b <= 0:
+		case higherBetter:
+			ratio = fmt.Sprintf("%.2fx", b/a)
+		case unit == "":
+			ratio = fmt.Sprintf("%.0fx fewer", a/b)
+		default:
+			ratio = fmt.Sprintf("%.2fx less", a/b)
 		}
-		fmt.Fprintf(bw, "| %s | "+format+" %s | "+format+" %s | %s |\n", name, a, unit, b, unit, ratio)
+		fmt.Fprintf(bw, "| %s | %s | %s | %s |\n", name, strings.TrimSpace(fmt.Sprintf(format+" %s", a, unit)), strings.TrimSpace(fmt.Sprintf(format+" %s", b, unit)), ratio)
 	}
 	row(fmt.Sprintf("%d clients, one uncached %d MiB blob: upstream GETs", o.stampede, mustSizes(o.layers)[0]>>20), "", "stampede_gets", false, "%.0f")
 	row("same: wall time", "s", "stampede_secs", false, "%.2f")
