@@ -458,7 +458,7 @@ func (r *chunkReader) ReadAt(p []byte, off int64) (int, error) {
 
 // CreateBlob implements BlobStore.
 func (s *Badger) CreateBlob(_ context.Context) (BlobWriter, error) {
-	w := &badgerWriter{s: s, buf: make([]byte, 0, s.chunkSize)}
+	w := &badgerWriter{s: s}
 	if _, err := rand.Read(w.fill[:]); err != nil {
 		return nil, err
 	}
@@ -483,6 +483,10 @@ type badgerWriter struct {
 func (w *badgerWriter) Write(p []byte) (int, error) {
 	if w.done.Load() {
 		return 0, ErrWriterDone
+	}
+	if w.buf == nil && len(p) > 0 {
+		// Allocated at the first byte: an upload session that sends nothing costs no chunk.
+		w.buf = make([]byte, 0, w.s.chunkSize)
 	}
 	n := 0
 	for len(p) > 0 {

@@ -63,6 +63,7 @@ type env struct {
 	tracer      trace.TracerProvider
 	hosted      []string
 	readOnly    bool
+	maxUploads  int
 
 	badger *cache.Badger
 	store  cache.Store
@@ -78,6 +79,7 @@ func withUpstream(u upstreamDef) option    { return func(e *env) { e.upstreams =
 func withDefault(name string) option       { return func(e *env) { e.defaultName = name } }
 func withHosted(prefixes ...string) option { return func(e *env) { e.hosted = prefixes } }
 func withReadOnly() option                 { return func(e *env) { e.readOnly = true } }
+func withMaxUploads(n int) option          { return func(e *env) { e.maxUploads = n } }
 func withTracer(tp trace.TracerProvider) option {
 	return func(e *env) { e.tracer = tp }
 }
@@ -128,7 +130,7 @@ func (e *env) open() {
 		ups = append(ups, proxy.Upstream{Client: c, TagTTL: u.ttl, Forward: u.forward})
 	}
 	e.srv, err = proxy.New(proxy.Options{Store: e.store, Upstreams: ups, DefaultUpstream: e.defaultName,
-		Hosted: e.hosted, ReadOnly: e.readOnly,
+		Hosted: e.hosted, ReadOnly: e.readOnly, MaxUploads: e.maxUploads,
 		Logger: testLogger(t), Clock: e.clock.Now, TracerProvider: e.tracer})
 	if err != nil {
 		t.Fatal(err)

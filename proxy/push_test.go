@@ -243,3 +243,25 @@ func TestProxy_ProxiedRepositoryRefusesTags(t *testing.T) {
 		t.Errorf("delete of an upstream tag without forward: %d", d.status)
 	}
 }
+
+func TestProxy_UploadSessionsAreBounded(t *testing.T) {
+	e, _ := start(t, withHosted("ci/"), withMaxUploads(2))
+	var locs []string
+	for i := 0; i < 2; i++ {
+		r := e.send("POST", "/v2/ci/app/blobs/uploads/", nil)
+		if r.status != 202 {
+			t.Fatalf("session %d: %d", i, r.status)
+		}
+		locs = append(locs, location(t, e, r))
+	}
+	r := e.send("POST", "/v2/ci/app/blobs/uploads/", nil)
+	if r.status != 429 || errorCode(t, r.body) != "TOOMANYREQUESTS" || r.header.Get("Retry-After") == "" {
+		t.Fatalf("third session: %d %s", r.status, r.body)
+	}
+	if d := e.do("DELETE", locs[0]); d.status != 204 {
+		t.Fatalf("cancel: %d", d.status)
+	}
+	if r := e.send("POST", "/v2/ci/app/blobs/uploads/", nil); r.status != 202 {
+		t.Fatalf("after a cancel: %d", r.status)
+	}
+}

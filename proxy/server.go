@@ -61,7 +61,9 @@ type Options struct {
 	// Hosted are the repository prefixes ("ci/") ocimirror is the registry for.
 	Hosted []string
 	// ReadOnly refuses every push and delete.
-	ReadOnly       bool
+	ReadOnly bool
+	// MaxUploads bounds the upload sessions open at once (4096 if 0).
+	MaxUploads     int
 	Logger         *slog.Logger
 	TracerProvider trace.TracerProvider
 	// Clock is the time source (tests); time.Now if nil.
@@ -150,7 +152,10 @@ func New(o Options) (*Server, error) {
 		s.hostedPrefixes = append(s.hostedPrefixes, strings.TrimSuffix(p, "/")+"/")
 	}
 	s.fills.m = map[string]*blobFill{}
-	s.uploads.m = map[string]*upload{}
+	s.uploads.m, s.uploads.max = map[string]*upload{}, o.MaxUploads
+	if s.uploads.max <= 0 {
+		s.uploads.max = defaultMaxUploads
+	}
 	for _, u := range o.Upstreams {
 		name := u.Client.Name()
 		if _, dup := s.upstreams[name]; dup {

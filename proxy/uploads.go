@@ -27,11 +27,16 @@ import (
 // cancelled and its bytes discarded.
 const uploadIdle = time.Hour
 
+// defaultMaxUploads bounds the sessions open at once; beyond it a new
+// upload is answered 429 until some finish or expire.
+const defaultMaxUploads = 4096
+
 // uploads are the blob upload sessions in progress. They live in memory: a
 // restart cancels them (clients start the upload again).
 type uploads struct {
-	mu sync.Mutex
-	m  map[string]*upload
+	mu  sync.Mutex
+	m   map[string]*upload
+	max int
 }
 
 // upload is one session. Its bytes go straight to a cache writer, hashed
@@ -48,10 +53,14 @@ type upload struct {
 	done bool
 }
 
-func (u *uploads) add(x *upload) {
+func (u *uploads) add(x *upload) bool {
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	if len(u.m) >= u.max {
+		return false
+	}
 	u.m[x.id] = x
+	return true
 }
 
 func (u *uploads) remove(id string) {
@@ -120,7 +129,11 @@ func (s *Server) newUpload(ctx context.Context, q *request) (*upload, error) {
 	id := make([]byte, 16)
 	_, _ = rand.Read(id)
 	x := &upload{id: hex.EncodeToString(id), up: q.up, repo: q.repo, w: w, h: sha256.New(), used: time.Now()}
-	s.uploads.add(x)
+	if !s.uploads.add(x) {
+		_ = w.Cancel(ctx)
+		return nil, &Error{Code: CodeTooManyRequests, Message: "too many uploads in progress",
+			Header: http.Header{"Retry-After": {"60"}}}
+	}
 	return x, nil
 }
 
