@@ -73,13 +73,16 @@ func runVersion(args []string, stdout, stderr io.Writer) int {
 // parseFlags parses args; --help prints usage to stdout and exits 0, a bad
 // flag exits 2.
 func parseFlags(fs *flag.FlagSet, args []string, stdout io.Writer) (int, bool) {
+	usage := fs.Usage
+	fs.Usage = func() {} // printed below, once, to the right stream
 	err := fs.Parse(args)
 	if errors.Is(err, flag.ErrHelp) {
 		fs.SetOutput(stdout)
-		fs.Usage()
+		usage()
 		return 0, true
 	}
 	if err != nil {
+		usage()
 		return 2, true
 	}
 	if fs.NArg() > 0 {

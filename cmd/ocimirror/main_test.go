@@ -59,6 +59,9 @@ func TestRun_Help(t *testing.T) {
 		if code != tc.code || !strings.Contains(stdout.String(), tc.want) {
 			t.Errorf("%v: exit %d, stdout %q, stderr %q", tc.args, code, stdout.String(), stderr.String())
 		}
+		if code == 0 && (stderr.Len() > 0 || strings.Count(stdout.String(), "Usage") > 1) {
+			t.Errorf("%v: usage printed more than once or to stderr: stdout %q, stderr %q", tc.args, stdout.String(), stderr.String())
+		}
 	}
 }
 
