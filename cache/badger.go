@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -177,14 +178,10 @@ func (s *Badger) gcValueLog() {
 // kill mid-fill leaves them behind, invisible but taking space.
 func (s *Badger) sweepPending() error {
 	var ids []fillID
-	err := s.db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{kindPending}})
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			var id fillID
-			if copy(id[:], it.Item().Key()[1:]) == len(id) {
-				ids = append(ids, id)
-			}
+	err := s.scan([]byte{kindPending}, false, func(key, _ []byte) error {
+		var id fillID
+		if copy(id[:], key[1:]) == len(id) {
+			ids = append(ids, id)
 		}
 		return nil
 	})
@@ -202,16 +199,33 @@ func (s *Badger) sweepPending() error {
 	return nil
 }
 
+// scan calls f for every key under prefix, in key order, with its value
+// when withValues is set. key and value are valid only during the call.
+func (s *Badger) scan(prefix []byte, withValues bool, f func(key, value []byte) error) error {
+	return s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: withValues, PrefetchSize: 100})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			item := it.Item()
+			var err error
+			if withValues {
+				err = item.Value(func(v []byte) error { return f(item.Key(), v) })
+			} else {
+				err = f(item.Key(), nil)
+			}
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
 // deleteFill deletes every chunk of a fill and its pending marker.
 func (s *Badger) deleteFill(id fillID) error {
 	var keys [][]byte
-	prefix := append([]byte{kindChunk}, id[:]...)
-	err := s.db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			keys = append(keys, it.Item().KeyCopy(nil))
-		}
+	err := s.scan(append([]byte{kindChunk}, id[:]...), false, func(key, _ []byte) error {
+		keys = append(keys, bytes.Clone(key))
 		return nil
 	})
 	if err != nil {
@@ -719,24 +733,12 @@ func (s *Badger) DeleteTag(_ context.Context, k TagKey) error {
 func (s *Badger) ListTags(_ context.Context, upstream, repo string) ([]Tag, error) {
 	prefix := tagKey(TagKey{Upstream: upstream, Repo: repo})
 	var out []Tag
-	err := s.db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: true, PrefetchSize: 100})
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			item := it.Item()
-			name := string(item.Key()[len(prefix):])
-			err := item.Value(func(v []byte) error {
-				e, err := decodeTagEntry(v)
-				if err == nil {
-					out = append(out, Tag{Name: name, TagEntry: e})
-				}
-				return err
-			})
-			if err != nil {
-				return err
-			}
+	err := s.scan(prefix, true, func(key, v []byte) error {
+		e, err := decodeTagEntry(v)
+		if err == nil {
+			out = append(out, Tag{Name: string(key[len(prefix):]), TagEntry: e})
 		}
-		return nil
+		return err
 	})
 	return out, err
 }
@@ -772,24 +774,13 @@ func (s *Badger) DeleteReferrer(_ context.Context, k ReferrerKey, referrer diges
 
 // ListReferrers implements ReferrerIndex.
 func (s *Badger) ListReferrers(_ context.Context, k ReferrerKey) ([]v1.Descriptor, error) {
-	prefix := referrerPrefix(k)
 	out := []v1.Descriptor{}
-	err := s.db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: true, PrefetchSize: 100})
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			err := it.Item().Value(func(v []byte) error {
-				var d v1.Descriptor
-				if err := json.Unmarshal(v, &d); err != nil {
-					return fmt.Errorf("%w: referrer: %v", ErrCorrupt, err)
-				}
-				out = append(out, d)
-				return nil
-			})
-			if err != nil {
-				return err
-			}
+	err := s.scan(referrerPrefix(k), true, func(_, v []byte) error {
+		var d v1.Descriptor
+		if err := json.Unmarshal(v, &d); err != nil {
+			return fmt.Errorf("%w: referrer: %v", ErrCorrupt, err)
 		}
+		out = append(out, d)
 		return nil
 	})
 	return out, err
