@@ -199,6 +199,22 @@ func (s *Badger) sweepPending() error {
 	return nil
 }
 
+// get calls f with the value of key, valid only during the call; a
+// missing key is ErrNotFound.
+func (s *Badger) get(key []byte, f func(value []byte) error) error {
+	err := s.db.View(func(txn *badger.Txn) error {
+		item, err := txn.Get(key)
+		if err != nil {
+			return err
+		}
+		return item.Value(f)
+	})
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return ErrNotFound
+	}
+	return err
+}
+
 // scan calls f for every key under prefix, in key order, with its value
 // when withValues is set. key and value are valid only during the call.
 func (s *Badger) scan(prefix []byte, withValues bool, f func(key, value []byte) error) error {
@@ -295,20 +311,11 @@ func chunkKey(id fillID, idx int64) []byte {
 
 func (s *Badger) blobMeta(d digest.Digest) (blobMeta, error) {
 	var m blobMeta
-	err := s.db.View(func(txn *badger.Txn) error {
-		item, err := txn.Get(blobKey(d))
-		if err != nil {
-			return err
-		}
-		return item.Value(func(v []byte) error {
-			var err error
-			m, err = decodeBlobMeta(v)
-			return err
-		})
+	err := s.get(blobKey(d), func(v []byte) error {
+		var err error
+		m, err = decodeBlobMeta(v)
+		return err
 	})
-	if errors.Is(err, badger.ErrKeyNotFound) {
-		return m, ErrNotFound
-	}
 	return m, err
 }
 
@@ -394,17 +401,11 @@ func (s *Badger) LastAccess(d digest.Digest) time.Time {
 	if ok {
 		return time.Unix(t, 0)
 	}
-	_ = s.db.View(func(txn *badger.Txn) error {
-		item, err := txn.Get(accessKey(d))
-		if err != nil {
-			return err
+	_ = s.get(accessKey(d), func(v []byte) error {
+		if len(v) == 8 {
+			t = int64(binary.BigEndian.Uint64(v))
 		}
-		return item.Value(func(v []byte) error {
-			if len(v) == 8 {
-				t = int64(binary.BigEndian.Uint64(v))
-			}
-			return nil
-		})
+		return nil
 	})
 	if t == 0 {
 		return time.Time{}
@@ -610,26 +611,20 @@ func manifestKey(d digest.Digest) []byte { return append([]byte{kindManifest}, d
 // GetManifest implements ManifestStore.
 func (s *Badger) GetManifest(_ context.Context, d digest.Digest) (Manifest, error) {
 	m := Manifest{Digest: d}
-	err := s.db.View(func(txn *badger.Txn) error {
-		item, err := txn.Get(manifestKey(d))
-		if err != nil {
-			return err
+	err := s.get(manifestKey(d), func(v []byte) error {
+		if len(v) < 1 || v[0] != encodingV1 {
+			return ErrCorrupt
 		}
-		return item.Value(func(v []byte) error {
-			if len(v) < 1 || v[0] != encodingV1 {
-				return ErrCorrupt
-			}
-			mt, rest, ok := readString(v[1:])
-			if !ok {
-				return ErrCorrupt
-			}
-			m.MediaType = mt
-			m.Data = append([]byte(nil), rest...)
-			return nil
-		})
+		mt, rest, ok := readString(v[1:])
+		if !ok {
+			return ErrCorrupt
+		}
+		m.MediaType = mt
+		m.Data = append([]byte(nil), rest...)
+		return nil
 	})
-	if errors.Is(err, badger.ErrKeyNotFound) {
-		return Manifest{}, ErrNotFound
+	if errors.Is(err, ErrNotFound) {
+		return Manifest{}, err
 	}
 	if err != nil {
 		return Manifest{}, fmt.Errorf("cache: manifest %s: %w", d, err)
@@ -702,20 +697,11 @@ func decodeTagEntry(v []byte) (TagEntry, error) {
 // GetTag implements TagStore.
 func (s *Badger) GetTag(_ context.Context, k TagKey) (TagEntry, error) {
 	var e TagEntry
-	err := s.db.View(func(txn *badger.Txn) error {
-		item, err := txn.Get(tagKey(k))
-		if err != nil {
-			return err
-		}
-		return item.Value(func(v []byte) error {
-			var err error
-			e, err = decodeTagEntry(v)
-			return err
-		})
+	err := s.get(tagKey(k), func(v []byte) error {
+		var err error
+		e, err = decodeTagEntry(v)
+		return err
 	})
-	if errors.Is(err, badger.ErrKeyNotFound) {
-		return e, ErrNotFound
-	}
 	return e, err
 }
 
@@ -795,29 +781,20 @@ func upstreamReferrersKey(k ReferrerKey) []byte {
 // GetUpstreamReferrers implements ReferrerIndex.
 func (s *Badger) GetUpstreamReferrers(_ context.Context, k ReferrerKey) (UpstreamReferrers, error) {
 	var a UpstreamReferrers
-	err := s.db.View(func(txn *badger.Txn) error {
-		item, err := txn.Get(upstreamReferrersKey(k))
-		if err != nil {
-			return err
+	err := s.get(upstreamReferrersKey(k), func(v []byte) error {
+		if len(v) < 1 || v[0] != encodingV1 {
+			return ErrCorrupt
 		}
-		return item.Value(func(v []byte) error {
-			if len(v) < 1 || v[0] != encodingV1 {
-				return ErrCorrupt
-			}
-			at, n := binary.Varint(v[1:])
-			if n <= 0 {
-				return ErrCorrupt
-			}
-			a.CheckedAt = time.Unix(0, at)
-			if err := json.Unmarshal(v[1+n:], &a.Descriptors); err != nil {
-				return fmt.Errorf("%w: upstream referrers: %v", ErrCorrupt, err)
-			}
-			return nil
-		})
+		at, n := binary.Varint(v[1:])
+		if n <= 0 {
+			return ErrCorrupt
+		}
+		a.CheckedAt = time.Unix(0, at)
+		if err := json.Unmarshal(v[1+n:], &a.Descriptors); err != nil {
+			return fmt.Errorf("%w: upstream referrers: %v", ErrCorrupt, err)
+		}
+		return nil
 	})
-	if errors.Is(err, badger.ErrKeyNotFound) {
-		return a, ErrNotFound
-	}
 	return a, err
 }
 
@@ -865,11 +842,8 @@ func (s *Badger) Unlink(_ context.Context, repo string, kind LinkKind, d digest.
 
 // Linked implements RepoLinks.
 func (s *Badger) Linked(_ context.Context, repo string, kind LinkKind, d digest.Digest) (bool, error) {
-	err := s.db.View(func(txn *badger.Txn) error {
-		_, err := txn.Get(linkKey(repo, kind, d))
-		return err
-	})
-	if errors.Is(err, badger.ErrKeyNotFound) {
+	err := s.get(linkKey(repo, kind, d), func([]byte) error { return nil })
+	if errors.Is(err, ErrNotFound) {
 		return false, nil
 	}
 	return err == nil, err
