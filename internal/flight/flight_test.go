@@ -9,7 +9,9 @@ import (
 	"time"
 )
 
-func background() (context.Context, context.CancelFunc) { return context.WithCancel(context.Background()) }
+func background() (context.Context, context.CancelFunc) {
+	return context.WithCancel(context.Background())
+}
 
 func TestDo_OneRunForConcurrentCallers(t *testing.T) {
 	var g Group[string, int]
