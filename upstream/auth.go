@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/hashicorp/golang-lru/v2/simplelru"
 	"golang.org/x/sync/singleflight"
 )
 
@@ -24,6 +25,21 @@ const maxMetadata = 4 << 20
 // (the distribution token spec's default).
 const defaultTokenLifetime = 60 * time.Second
 
+// defaultMaxTokens bounds the token cache (Options.MaxTokens): how many
+// scopes, one per repository and access, keep their token; the least
+// recently used goes first. A client naming a new repository on every
+// request would otherwise grow the cache without end. Tokens are small
+// (JWTs of 1-3 KiB; an entry over maxCachedToken is never kept), so this
+// count bounds the bytes too: about 12 MiB with 3 KiB tokens, 64 MiB at
+// the very worst.
+const defaultMaxTokens = 4096
+
+// maxCachedToken is the largest entry, scope and token together, that the
+// cache keeps. A larger token (beyond what many servers accept in a header)
+// still serves the callers that waited for it, but is not kept: each
+// request needing it fetches it again.
+const maxCachedToken = 16 << 10
+
 // Credentials are what ocimirror presents to one upstream.
 type Credentials struct {
 	Username string
@@ -33,20 +49,36 @@ type Credentials struct {
 }
 
 // authenticator answers an upstream's challenges. Tokens are cached per
-// scope until they expire; once the upstream's Bearer realm is known, tokens
-// for new scopes are fetched before the first request, saving a 401.
+// scope, in an LRU of bounded size, until they expire; once the upstream's
+// Bearer realm is known, tokens for new scopes are fetched before the first
+// request, saving a 401.
 type authenticator struct {
 	upstreamHost string
 	creds        Credentials
 	hc           *http.Client
 	userAgent    string
+	now          func() time.Time // the clock: time.Now, or a test's
 
+	// mu guards bearer, basic and tokens. The LRU is the unsynchronised
+	// one: looking a token up, finding it expired and dropping it is one
+	// step under mu, so a fresh token stored meanwhile is never dropped.
 	mu     sync.Mutex
 	bearer *challenge // the upstream's Bearer challenge, once seen
 	basic  bool       // the upstream asked for Basic
-	tokens map[string]token
+	tokens *simplelru.LRU[string, token]
 
 	fetches singleflight.Group
+}
+
+func newAuthenticator(upstreamHost string, creds Credentials, hc *http.Client, userAgent string, maxTokens int) (*authenticator, error) {
+	if maxTokens <= 0 {
+		maxTokens = defaultMaxTokens
+	}
+	tokens, err := simplelru.NewLRU[string, token](maxTokens, nil)
+	if err != nil {
+		return nil, err
+	}
+	return &authenticator{upstreamHost: upstreamHost, creds: creds, hc: hc, userAgent: userAgent, now: time.Now, tokens: tokens}, nil
 }
 
 type token struct {
@@ -68,16 +100,15 @@ func (a *authenticator) authorize(ctx context.Context, req *http.Request, scope 
 	}
 	a.mu.Lock()
 	basic, bearer := a.basic, a.bearer
-	t, ok := a.tokens[scope]
 	a.mu.Unlock()
 	switch {
 	case basic:
 		if a.creds.Username != "" {
 			req.SetBasicAuth(a.creds.Username, a.creds.Password)
 		}
-	case ok && time.Now().Before(t.expires):
-		req.Header.Set("Authorization", "Bearer "+t.value)
 	case bearer != nil:
+		// Tokens are only ever fetched from a Bearer realm: a cached one
+		// implies a known realm, and token looks in the cache first.
 		v, err := a.token(ctx, bearer, scope)
 		if err != nil {
 			return err
@@ -100,7 +131,7 @@ func (a *authenticator) handleChallenge(ctx context.Context, resp *http.Response
 			}
 			a.mu.Lock()
 			a.bearer = &c
-			delete(a.tokens, scope)
+			a.tokens.Remove(scope)
 			a.mu.Unlock()
 			if _, err := a.token(ctx, &c, scope); err != nil {
 				return false, err
@@ -123,29 +154,47 @@ func (a *authenticator) handleChallenge(ctx context.Context, resp *http.Response
 // token returns a cached token for scope or fetches one; concurrent callers
 // for one scope share the fetch.
 func (a *authenticator) token(ctx context.Context, c *challenge, scope string) (string, error) {
-	a.mu.Lock()
-	t, ok := a.tokens[scope]
-	a.mu.Unlock()
-	if ok && time.Now().Before(t.expires) {
-		return t.value, nil
+	if v, ok := a.cached(scope); ok {
+		return v, nil
 	}
 	v, err, _ := a.fetches.Do(scope, func() (any, error) {
 		t, err := a.fetchToken(ctx, c, scope)
 		if err != nil {
 			return nil, err
 		}
-		a.mu.Lock()
-		if a.tokens == nil {
-			a.tokens = map[string]token{}
-		}
-		a.tokens[scope] = t
-		a.mu.Unlock()
+		a.keep(scope, t)
 		return t.value, nil
 	})
 	if err != nil {
 		return "", err
 	}
 	return v.(string), nil
+}
+
+// cached returns the token kept for scope while it is good. An expired
+// token is never returned, and is dropped when seen.
+func (a *authenticator) cached(scope string) (string, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	t, ok := a.tokens.Get(scope)
+	if !ok {
+		return "", false
+	}
+	if !a.now().Before(t.expires) {
+		a.tokens.Remove(scope)
+		return "", false
+	}
+	return t.value, true
+}
+
+// keep caches t for scope unless the entry is too large to keep.
+func (a *authenticator) keep(scope string, t token) {
+	if len(scope)+len(t.value) > maxCachedToken {
+		return
+	}
+	a.mu.Lock()
+	a.tokens.Add(scope, t)
+	a.mu.Unlock()
 }
 
 func (a *authenticator) fetchToken(ctx context.Context, c *challenge, scope string) (token, error) {
@@ -203,7 +252,7 @@ func (a *authenticator) fetchToken(ctx context.Context, c *challenge, scope stri
 	}
 	// Renew a little early so a token does not expire in flight.
 	margin := min(life/10, 10*time.Second)
-	return token{value: v, expires: time.Now().Add(life - margin)}, nil
+	return token{value: v, expires: a.now().Add(life - margin)}, nil
 }
 
 // parseChallenges parses WWW-Authenticate values such as

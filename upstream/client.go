@@ -78,6 +78,9 @@ type Options struct {
 	RetryBackoff time.Duration
 	// IdleTimeout cuts a response body that delivers nothing for this long (60s if 0).
 	IdleTimeout time.Duration
+	// MaxTokens bounds the scopes whose bearer tokens are cached, least
+	// recently used dropped first (4096 if 0).
+	MaxTokens int
 }
 
 // Client talks to one upstream registry. It is safe for concurrent use.
@@ -142,7 +145,10 @@ func New(o Options) (*Client, error) {
 		backoff:     o.RetryBackoff,
 		idle:        o.IdleTimeout,
 	}
-	c.auth = &authenticator{upstreamHost: base.Host, creds: o.Credentials, hc: hc, userAgent: o.UserAgent}
+	c.auth, err = newAuthenticator(base.Host, o.Credentials, hc, o.UserAgent, o.MaxTokens)
+	if err != nil {
+		return nil, fmt.Errorf("upstream %s: %w", o.Name, err)
+	}
 	return c, nil
 }
 
