@@ -14,7 +14,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/golang-lru/v2/simplelru"
-	"golang.org/x/sync/singleflight"
+
+	"github.com/ocimirror/ocimirror/internal/flight"
 )
 
 // maxMetadata caps every metadata body read from an upstream: manifests,
@@ -39,6 +40,12 @@ const defaultMaxTokens = 4096
 // still serves the callers that waited for it, but is not kept: each
 // request needing it fetches it again.
 const maxCachedToken = 16 << 10
+
+// tokenFetchTimeout bounds one token fetch. The fetch is shared by every
+// caller needing the scope, so it runs under a context of its own rather
+// than the first caller's: the trace values of the caller that started it,
+// none of its cancellation, and this deadline.
+const tokenFetchTimeout = 30 * time.Second
 
 // Credentials are what ocimirror presents to one upstream.
 type Credentials struct {
@@ -67,7 +74,7 @@ type authenticator struct {
 	basic  bool       // the upstream asked for Basic
 	tokens *simplelru.LRU[string, token]
 
-	fetches singleflight.Group
+	fetches flight.Group[string, token]
 }
 
 func newAuthenticator(upstreamHost string, creds Credentials, hc *http.Client, userAgent string, maxTokens int) (*authenticator, error) {
@@ -151,24 +158,28 @@ func (a *authenticator) handleChallenge(ctx context.Context, resp *http.Response
 	return false, nil
 }
 
-// token returns a cached token for scope or fetches one; concurrent callers
-// for one scope share the fetch.
+// token returns a cached token for scope or fetches one. Concurrent callers
+// for one scope share the fetch, which runs under a context of its own:
+// a caller that goes away stops waiting, and the others still get the token.
 func (a *authenticator) token(ctx context.Context, c *challenge, scope string) (string, error) {
 	if v, ok := a.cached(scope); ok {
 		return v, nil
 	}
-	v, err, _ := a.fetches.Do(scope, func() (any, error) {
+	work := func() (context.Context, context.CancelFunc) {
+		return context.WithTimeout(context.WithoutCancel(ctx), tokenFetchTimeout)
+	}
+	t, err, _ := a.fetches.Do(ctx, scope, work, func(ctx context.Context) (token, error) {
 		t, err := a.fetchToken(ctx, c, scope)
 		if err != nil {
-			return nil, err
+			return token{}, err
 		}
 		a.keep(scope, t)
-		return t.value, nil
+		return t, nil
 	})
 	if err != nil {
 		return "", err
 	}
-	return v.(string), nil
+	return t.value, nil
 }
 
 // cached returns the token kept for scope while it is good. An expired

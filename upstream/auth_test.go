@@ -3,6 +3,7 @@ package upstream
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -264,5 +265,80 @@ func TestClient_TokenCache_ExpiredTokenNotReused(t *testing.T) {
 	}
 	if n := c.auth.tokenCount(); n != 0 {
 		t.Errorf("token cache holds %d scopes after the expired one was seen, want 0", n)
+	}
+}
+
+// The token fetch two callers share must not fail when the caller that
+// started it hangs up.
+func TestClient_TokenFetch_FirstCallerLeaves(t *testing.T) {
+	const scope = "repository:slow:pull"
+	arrived := make(chan struct{}, 4)
+	release := make(chan struct{})
+	reg := newTokenRegistry(t, tokenRegistryOptions{hold: func(r *http.Request, s string) {
+		if s != scope {
+			return
+		}
+		arrived <- struct{}{}
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}})
+	var once sync.Once
+	unblock := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(unblock) // before the server closes
+	c := newClient(t, reg.URL, Credentials{})
+	// Learn the realm, so both callers go straight to the token server.
+	if _, err := tagList(context.Background(), c, "warm"); err != nil {
+		t.Fatal(err)
+	}
+
+	first, leave := context.WithCancel(context.Background())
+	defer leave()
+	firstErr := make(chan error, 1)
+	go func() {
+		_, err := tagList(first, c, "slow")
+		firstErr <- err
+	}()
+	select {
+	case <-arrived:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no token request from the first caller")
+	}
+
+	type result struct {
+		token string
+		err   error
+	}
+	second := make(chan result, 1)
+	go func() {
+		tok, err := tagList(context.Background(), c, "slow")
+		second <- result{tok, err}
+	}()
+
+	leave()
+	select {
+	case err := <-firstErr:
+		if !errors.Is(err, context.Canceled) {
+			t.Errorf("first caller: %v, want context.Canceled", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("first caller still waiting after its context ended")
+	}
+	// Give the second caller time to join the fetch in flight. Had it not
+	// joined yet, it finds the token in the cache: either way, one fetch.
+	time.Sleep(50 * time.Millisecond)
+	unblock()
+
+	select {
+	case r := <-second:
+		if r.err != nil || r.token != "T2" {
+			t.Fatalf("second caller: token %q, %v; want T2", r.token, r.err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("second caller got no answer")
+	}
+	if n := reg.tokenRequests(scope); n != 1 {
+		t.Errorf("%d token requests for %s, want 1", n, scope)
 	}
 }
