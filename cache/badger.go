@@ -30,7 +30,9 @@ import (
 //	t<upstream>0<repo>0<tag>   tag entry
 //	r<upstream>0<repo>0<subject>0<referrer>   referrer descriptor (JSON)
 //	u<upstream>0<repo>0<subject>   the upstream referrers API's answer
-//	l<repo>0<kind><digest>     a hosted repository's link to content
+//	l<upstream>0<repo>0<kind><digest>   a repository's link to content it holds (origin)
+//	L<kind><digest>0<upstream>0<repo>   the same link, reversed: who holds a digest
+//	!schema                    the key layout's version
 const (
 	kindBlob     = 'b'
 	kindChunk    = 'c'
@@ -40,6 +42,7 @@ const (
 	kindTag      = 't'
 	kindReferrer = 'r'
 	kindLink     = 'l'
+	kindHolder   = 'L'
 	kindUpRefs   = 'u'
 
 	encodingV1 = 1
@@ -108,6 +111,10 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 		chunkSize: opts.ChunkSize,
 		accessed:  map[digest.Digest]int64{},
 		stop:      make(chan struct{}),
+	}
+	if err := s.migrate(); err != nil {
+		db.Close()
+		return nil, err
 	}
 	if err := s.sweepPending(); err != nil {
 		db.Close()
@@ -477,7 +484,7 @@ func (s *Badger) CreateBlob(_ context.Context) (BlobWriter, error) {
 	if _, err := rand.Read(w.fill[:]); err != nil {
 		return nil, err
 	}
-	w.reader = chunkReader{db: s.db, fill: w.fill, chunk: int64(s.chunkSize), size: w.flushed.Load}
+	w.reader = chunkReader{db: s.db, fill: w.fill, chunk: int64(s.chunkSize), size: w.inChunks}
 	stamp := binary.BigEndian.AppendUint64(nil, uint64(time.Now().Unix()))
 	if err := s.db.Update(func(txn *badger.Txn) error { return txn.Set(pendingKey(w.fill), stamp) }); err != nil {
 		return nil, fmt.Errorf("cache: create blob: %w", err)
@@ -485,19 +492,35 @@ func (s *Badger) CreateBlob(_ context.Context) (BlobWriter, error) {
 	return w, nil
 }
 
+// badgerWriter writes a blob as chunks. Whole chunks go to Badger; the
+// tail is held in buf, or, while parked, written as a partial chunk.
+// Readers may read everything written, tail included, concurrently.
 type badgerWriter struct {
-	s       *Badger
-	fill    fillID
+	s      *Badger
+	fill   fillID
+	reader chunkReader
+	done   atomic.Bool
+
+	mu      sync.RWMutex // guards buf's bytes against concurrent readers
 	buf     []byte
-	next    int64 // index of the chunk buf will become
-	flushed atomic.Int64
-	reader  chunkReader
-	done    atomic.Bool
+	next    int64        // index of the chunk buf will become
+	flushed atomic.Int64 // bytes in whole chunks
+	parked  atomic.Int64 // bytes of the tail written as a partial chunk
 }
+
+var _ Parker = (*badgerWriter)(nil)
+
+// inChunks is how many bytes the chunks in Badger hold.
+func (w *badgerWriter) inChunks() int64 { return w.flushed.Load() + w.parked.Load() }
 
 func (w *badgerWriter) Write(p []byte) (int, error) {
 	if w.done.Load() {
 		return 0, ErrWriterDone
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.unpark(); err != nil {
+		return 0, err
 	}
 	if w.buf == nil && len(p) > 0 {
 		// Allocated at the first byte: an upload session that sends nothing costs no chunk.
@@ -517,7 +540,7 @@ func (w *badgerWriter) Write(p []byte) (int, error) {
 	return n, nil
 }
 
-// flush writes buf as the next chunk and makes it readable.
+// flush writes buf as the next chunk. The caller holds mu.
 func (w *badgerWriter) flush() error {
 	if len(w.buf) == 0 {
 		return nil
@@ -532,32 +555,79 @@ func (w *badgerWriter) flush() error {
 	return nil
 }
 
-func (w *badgerWriter) Flushed() int64 { return w.flushed.Load() }
+// Park implements Parker: the tail is written as a partial chunk and the
+// buffer released, so an idle upload session holds no memory.
+func (w *badgerWriter) Park() error {
+	if w.done.Load() {
+		return ErrWriterDone
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.buf) == 0 {
+		w.buf = nil
+		return nil
+	}
+	key := chunkKey(w.fill, w.next)
+	if err := w.s.db.Update(func(txn *badger.Txn) error { return txn.Set(key, w.buf) }); err != nil {
+		return fmt.Errorf("cache: park blob tail: %w", err)
+	}
+	w.parked.Store(int64(len(w.buf)))
+	w.buf = nil
+	return nil
+}
 
-func (w *badgerWriter) Size() int64 { return w.flushed.Load() + int64(len(w.buf)) }
+// unpark reads a parked tail back into a buffer. The caller holds mu.
+func (w *badgerWriter) unpark() error {
+	n := w.parked.Load()
+	if n == 0 {
+		return nil
+	}
+	buf := make([]byte, n, w.s.chunkSize)
+	if _, err := w.reader.ReadAt(buf, w.flushed.Load()); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("cache: unpark blob tail: %w", err)
+	}
+	w.buf = buf
+	w.parked.Store(0)
+	return nil
+}
 
-// ReadAt reads flushed chunks; the writing goroutine may also read the
-// unflushed tail.
+func (w *badgerWriter) Size() int64 {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	return w.inChunks() + int64(len(w.buf))
+}
+
+// ReadAt reads what has been written: chunks from Badger, the tail from
+// the buffer. Any goroutine may call it while another writes.
 func (w *badgerWriter) ReadAt(p []byte, off int64) (int, error) {
-	flushed := w.flushed.Load()
-	if off+int64(len(p)) <= flushed {
-		return w.reader.ReadAt(p, off)
-	}
 	n := 0
-	if off < flushed {
-		m, err := w.reader.ReadAt(p[:flushed-off], off)
-		if err != nil && !errors.Is(err, io.EOF) {
-			return m, err
+	for n < len(p) {
+		w.mu.RLock()
+		inChunks := w.inChunks()
+		if off >= inChunks {
+			tail := off - inChunks
+			if tail >= int64(len(w.buf)) {
+				w.mu.RUnlock()
+				return n, io.EOF
+			}
+			n += copy(p[n:], w.buf[tail:])
+			w.mu.RUnlock()
+			if n < len(p) {
+				return n, io.EOF
+			}
+			return n, nil
 		}
-		n = m
-	}
-	tailOff := off + int64(n) - flushed
-	if tailOff >= int64(len(w.buf)) {
-		return n, io.EOF
-	}
-	n += copy(p[n:], w.buf[tailOff:])
-	if n < len(p) {
-		return n, io.EOF
+		w.mu.RUnlock()
+		// Chunks below inChunks never change until the writer ends.
+		want := min(int64(len(p)-n), inChunks-off)
+		m, err := w.reader.ReadAt(p[n:n+int(want)], off)
+		n, off = n+m, off+int64(m)
+		if err != nil && !errors.Is(err, io.EOF) {
+			return n, err
+		}
+		if m == 0 {
+			return n, io.EOF
+		}
 	}
 	return n, nil
 }
@@ -566,14 +636,20 @@ func (w *badgerWriter) Commit(_ context.Context, d digest.Digest, size int64) er
 	if w.done.Load() {
 		return ErrWriterDone
 	}
-	if err := w.flush(); err != nil {
+	w.mu.Lock()
+	err := w.unpark()
+	if err == nil {
+		err = w.flush()
+	}
+	w.mu.Unlock()
+	if err != nil {
 		return err
 	}
 	if got := w.flushed.Load(); got != size {
 		return fmt.Errorf("cache: commit %s: wrote %d bytes, want %d", d, got, size)
 	}
 	meta := blobMeta{fill: w.fill, size: size, chunkSize: int64(w.s.chunkSize)}.encode()
-	err := w.s.db.Update(func(txn *badger.Txn) error {
+	err = w.s.db.Update(func(txn *badger.Txn) error {
 		if _, err := txn.Get(blobKey(d)); err == nil {
 			// Already committed by another writer: keep that one. This
 			// writer's chunks stay readable for its followers and are
@@ -591,7 +667,9 @@ func (w *badgerWriter) Commit(_ context.Context, d digest.Digest, size int64) er
 		return fmt.Errorf("cache: commit %s: %w", d, err)
 	}
 	w.done.Store(true)
+	w.mu.Lock()
 	w.buf = nil
+	w.mu.Unlock()
 	w.s.Touch(d)
 	return nil
 }
@@ -600,7 +678,9 @@ func (w *badgerWriter) Cancel(_ context.Context) error {
 	if w.done.Swap(true) {
 		return nil
 	}
+	w.mu.Lock()
 	w.buf = nil
+	w.mu.Unlock()
 	return w.s.deleteFill(w.fill)
 }
 
@@ -661,18 +741,25 @@ func tagKey(k TagKey) []byte {
 	return append(b, k.Tag...)
 }
 
+// Tag entries: version 1 has digest, media type, size and check time;
+// version 2 adds the pending digest, its media type and size.
+const tagEncodingV2 = 2
+
 func (e TagEntry) encode() []byte {
-	b := make([]byte, 0, 64+len(e.Digest)+len(e.MediaType))
-	b = append(b, encodingV1)
+	b := make([]byte, 0, 80+len(e.Digest)+len(e.MediaType)+len(e.Pending)+len(e.PendingType))
+	b = append(b, tagEncodingV2)
 	b = appendString(b, string(e.Digest))
 	b = appendString(b, e.MediaType)
 	b = binary.AppendVarint(b, e.Size)
-	return binary.AppendVarint(b, e.CheckedAt.UnixNano())
+	b = binary.AppendVarint(b, e.CheckedAt.UnixNano())
+	b = appendString(b, string(e.Pending))
+	b = appendString(b, e.PendingType)
+	return binary.AppendVarint(b, e.PendingSize)
 }
 
 func decodeTagEntry(v []byte) (TagEntry, error) {
 	var e TagEntry
-	if len(v) < 1 || v[0] != encodingV1 {
+	if len(v) < 1 || v[0] != encodingV1 && v[0] != tagEncodingV2 {
 		return e, ErrCorrupt
 	}
 	d, rest, ok := readString(v[1:])
@@ -687,11 +774,30 @@ func decodeTagEntry(v []byte) (TagEntry, error) {
 	if n <= 0 {
 		return e, ErrCorrupt
 	}
-	at, n2 := binary.Varint(rest[n:])
-	if n2 <= 0 {
+	rest = rest[n:]
+	at, n := binary.Varint(rest)
+	if n <= 0 {
 		return e, ErrCorrupt
 	}
-	return TagEntry{Digest: digest.Digest(d), MediaType: mt, Size: size, CheckedAt: time.Unix(0, at)}, nil
+	rest = rest[n:]
+	e = TagEntry{Digest: digest.Digest(d), MediaType: mt, Size: size, CheckedAt: time.Unix(0, at)}
+	if v[0] == encodingV1 {
+		return e, nil
+	}
+	pd, rest, ok := readString(rest)
+	if !ok {
+		return e, ErrCorrupt
+	}
+	pt, rest, ok := readString(rest)
+	if !ok {
+		return e, ErrCorrupt
+	}
+	ps, n := binary.Varint(rest)
+	if n <= 0 {
+		return e, ErrCorrupt
+	}
+	e.Pending, e.PendingType, e.PendingSize = digest.Digest(pd), pt, ps
+	return e, nil
 }
 
 // GetTag implements TagStore.
@@ -809,44 +915,182 @@ func (s *Badger) PutUpstreamReferrers(_ context.Context, k ReferrerKey, a Upstre
 	return s.db.Update(func(txn *badger.Txn) error { return txn.Set(upstreamReferrersKey(k), v) })
 }
 
-// --- hosted repository links ---
+// --- repository links ---
 
-func linkKey(repo string, kind LinkKind, d digest.Digest) []byte {
-	b := make([]byte, 0, 3+len(repo)+len(d))
+func linkKey(k RepoKey, kind LinkKind, d digest.Digest) []byte {
+	b := make([]byte, 0, 4+len(k.Upstream)+len(k.Repo)+len(d))
 	b = append(b, kindLink)
-	b = append(b, repo...)
+	b = append(b, k.Upstream...)
+	b = append(b, 0)
+	b = append(b, k.Repo...)
 	b = append(b, 0, byte(kind))
 	return append(b, d...)
 }
 
-// Link implements RepoLinks.
-func (s *Badger) Link(_ context.Context, repo string, kind LinkKind, d digest.Digest) error {
-	return s.db.Update(func(txn *badger.Txn) error { return txn.Set(linkKey(repo, kind, d), nil) })
+// holderPrefix is the start of the reverse link keys of d: who holds it.
+func holderPrefix(kind LinkKind, d digest.Digest) []byte {
+	b := make([]byte, 0, 3+len(d))
+	b = append(b, kindHolder, byte(kind))
+	b = append(b, d...)
+	return append(b, 0)
+}
+
+func holderKey(k RepoKey, kind LinkKind, d digest.Digest) []byte {
+	b := holderPrefix(kind, d)
+	b = append(b, k.Upstream...)
+	b = append(b, 0)
+	return append(b, k.Repo...)
+}
+
+// Link implements RepoLinks. The forward and the reverse key are written
+// in one transaction.
+func (s *Badger) Link(_ context.Context, k RepoKey, kind LinkKind, d digest.Digest, origin LinkOrigin) error {
+	key := linkKey(k, kind, d)
+	return s.db.Update(func(txn *badger.Txn) error {
+		if item, err := txn.Get(key); err == nil {
+			var old LinkOrigin
+			_ = item.Value(func(v []byte) error {
+				if len(v) == 1 {
+					old = LinkOrigin(v[0])
+				}
+				return nil
+			})
+			if old == origin || old == OriginUpstream {
+				return nil
+			}
+		} else if !errors.Is(err, badger.ErrKeyNotFound) {
+			return err
+		}
+		v := []byte{byte(origin)}
+		if err := txn.Set(key, v); err != nil {
+			return err
+		}
+		return txn.Set(holderKey(k, kind, d), v)
+	})
 }
 
 // Unlink implements RepoLinks.
-func (s *Badger) Unlink(_ context.Context, repo string, kind LinkKind, d digest.Digest) (bool, error) {
+func (s *Badger) Unlink(_ context.Context, k RepoKey, kind LinkKind, d digest.Digest) (bool, error) {
 	existed := false
 	err := s.db.Update(func(txn *badger.Txn) error {
-		key := linkKey(repo, kind, d)
+		key := linkKey(k, kind, d)
 		if _, err := txn.Get(key); errors.Is(err, badger.ErrKeyNotFound) {
 			return nil
 		} else if err != nil {
 			return err
 		}
 		existed = true
-		return txn.Delete(key)
+		if err := txn.Delete(key); err != nil {
+			return err
+		}
+		return txn.Delete(holderKey(k, kind, d))
 	})
 	return existed, err
 }
 
 // Linked implements RepoLinks.
-func (s *Badger) Linked(_ context.Context, repo string, kind LinkKind, d digest.Digest) (bool, error) {
-	err := s.get(linkKey(repo, kind, d), func([]byte) error { return nil })
+func (s *Badger) Linked(_ context.Context, k RepoKey, kind LinkKind, d digest.Digest) (LinkOrigin, bool, error) {
+	var origin LinkOrigin
+	err := s.get(linkKey(k, kind, d), func(v []byte) error {
+		origin = OriginPushed // links written before origins were kept were pushes
+		if len(v) == 1 {
+			origin = LinkOrigin(v[0])
+		}
+		return nil
+	})
 	if errors.Is(err, ErrNotFound) {
-		return false, nil
+		return 0, false, nil
 	}
-	return err == nil, err
+	return origin, err == nil, err
+}
+
+// UpstreamHolds implements RepoLinks with one prefix scan of d's holders
+// in the upstream.
+func (s *Badger) UpstreamHolds(_ context.Context, upstream string, kind LinkKind, d digest.Digest) (bool, error) {
+	prefix := append(holderPrefix(kind, d), upstream...)
+	prefix = append(prefix, 0)
+	found := false
+	err := s.scan(prefix, true, func(_, v []byte) error {
+		if len(v) == 1 && LinkOrigin(v[0]) == OriginUpstream {
+			found = true
+			return errStopScan
+		}
+		return nil
+	})
+	if errors.Is(err, errStopScan) {
+		err = nil
+	}
+	return found, err
+}
+
+var errStopScan = errors.New("stop scan")
+
+// schemaVersion is the layout of the keys. Version 1 keyed links by the
+// repository alone (hosted repositories only) and had no holder keys.
+const schemaVersion = 2
+
+var schemaKey = []byte("!schema")
+
+// migrate brings a store written by an older version to schemaVersion.
+func (s *Badger) migrate() error {
+	version := 1
+	err := s.get(schemaKey, func(v []byte) error {
+		if len(v) == 1 {
+			version = int(v[0])
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, ErrNotFound) {
+		return err
+	}
+	if version > schemaVersion {
+		return fmt.Errorf("cache: the store was written by a newer ocimirror (layout %d, this one knows %d)", version, schemaVersion)
+	}
+	if version == schemaVersion {
+		return nil
+	}
+	// Version 1 link keys: l<repo>0<kind><digest>, hosted repositories
+	// only. Their names hold a '/', which upstream names never do.
+	var old [][]byte
+	err = s.scan([]byte{kindLink}, false, func(key, _ []byte) error {
+		seg, _, ok := bytes.Cut(key[1:], []byte{0})
+		if ok && bytes.IndexByte(seg, '/') >= 0 {
+			old = append(old, bytes.Clone(key))
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("cache: migrate links: %w", err)
+	}
+	wb := s.db.NewWriteBatch()
+	defer wb.Cancel()
+	for _, key := range old {
+		repo, rest, _ := bytes.Cut(key[1:], []byte{0})
+		if len(rest) < 2 {
+			continue
+		}
+		k, kind, d := RepoKey{Repo: string(repo)}, LinkKind(rest[0]), digest.Digest(rest[1:])
+		v := []byte{byte(OriginPushed)}
+		if err := wb.Delete(key); err != nil {
+			return err
+		}
+		if err := wb.Set(linkKey(k, kind, d), v); err != nil {
+			return err
+		}
+		if err := wb.Set(holderKey(k, kind, d), v); err != nil {
+			return err
+		}
+	}
+	if err := wb.Set(schemaKey, []byte{schemaVersion}); err != nil {
+		return err
+	}
+	if err := wb.Flush(); err != nil {
+		return fmt.Errorf("cache: migrate links: %w", err)
+	}
+	if len(old) > 0 {
+		s.log.Info("store migrated", "layout", schemaVersion, "links", len(old))
+	}
+	return nil
 }
 
 // --- encoding helpers ---

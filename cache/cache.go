@@ -53,21 +53,26 @@ type BlobReader interface {
 	Size() int64
 }
 
-// BlobWriter writes one blob. Write is called by one goroutine; ReadAt may
-// be called by others concurrently for offsets below Flushed, and by the
-// writing goroutine up to Size.
+// BlobWriter writes one blob. Write is called by one goroutine at a time;
+// ReadAt may be called by any goroutine concurrently, for everything
+// written so far (Size bytes).
 type BlobWriter interface {
 	io.Writer
 	io.ReaderAt
-	// Flushed is how many bytes other goroutines' ReadAt can return.
-	Flushed() int64
 	// Size is how many bytes were written.
 	Size() int64
-	// Commit flushes the rest and makes the blob visible under d. The caller
-	// has verified that the bytes written have digest d and length size.
+	// Commit makes the blob visible under d. The caller has verified that
+	// the bytes written have digest d and length size.
 	Commit(ctx context.Context, d digest.Digest, size int64) error
 	// Cancel discards everything written. It is a no-op after Commit.
 	Cancel(ctx context.Context) error
+}
+
+// Parker is a BlobWriter that can give its memory back between writes (an
+// upload session waiting for its next chunk).
+type Parker interface {
+	// Park stores what is buffered; the next Write picks it up again.
+	Park() error
 }
 
 // Toucher records that a blob was served; stores that keep last access
@@ -101,11 +106,19 @@ type TagKey struct {
 
 // TagEntry is what a tag pointed at when it was last checked upstream.
 type TagEntry struct {
+	// Digest is the manifest the tag points at, held by the repository
+	// ("" when only a pending digest is known).
 	Digest    digest.Digest
 	MediaType string
 	Size      int64
-	// CheckedAt is when the upstream last confirmed the digest.
+	// CheckedAt is when the upstream last said what the tag points at.
 	CheckedAt time.Time
+	// Pending is what an upstream HEAD said the tag points at when that
+	// manifest was not held yet: the tag moves to it once it is. Digest
+	// stays the last good answer meanwhile.
+	Pending     digest.Digest
+	PendingType string
+	PendingSize int64
 }
 
 // Tag is a tag with its entry.
@@ -164,11 +177,38 @@ const (
 	LinkManifest LinkKind = 'm'
 )
 
-// RepoLinks records which blobs and manifests belong to a hosted
-// repository; content itself is stored once, by digest.
+// RepoKey names a repository: one of an upstream, or a hosted one
+// (Upstream "").
+type RepoKey struct {
+	Upstream string
+	Repo     string
+}
+
+// LinkOrigin says how a repository came to hold content.
+type LinkOrigin byte
+
+// The origins of a link.
+const (
+	// OriginPushed: a client pushed or mounted it into the repository.
+	OriginPushed LinkOrigin = 'p'
+	// OriginUpstream: the upstream delivered it for the repository, or
+	// confirmed that the repository holds it.
+	OriginUpstream LinkOrigin = 'u'
+)
+
+// RepoLinks records which blobs and manifests each repository holds;
+// content itself is stored once, by digest. A repository serves only what
+// it links: content stored for one repository is never served under
+// another name on the strength of its digest alone.
 type RepoLinks interface {
-	Link(ctx context.Context, repo string, kind LinkKind, d digest.Digest) error
+	// Link records that repository k holds d. A link the upstream
+	// confirmed keeps OriginUpstream when the same content is pushed.
+	Link(ctx context.Context, k RepoKey, kind LinkKind, d digest.Digest, origin LinkOrigin) error
 	// Unlink returns false when there was no such link.
-	Unlink(ctx context.Context, repo string, kind LinkKind, d digest.Digest) (bool, error)
-	Linked(ctx context.Context, repo string, kind LinkKind, d digest.Digest) (bool, error)
+	Unlink(ctx context.Context, k RepoKey, kind LinkKind, d digest.Digest) (bool, error)
+	// Linked returns the link's origin; ok is false when k does not hold d.
+	Linked(ctx context.Context, k RepoKey, kind LinkKind, d digest.Digest) (origin LinkOrigin, ok bool, err error)
+	// UpstreamHolds reports whether any repository of the upstream holds d
+	// with OriginUpstream: the bytes came from that upstream.
+	UpstreamHolds(ctx context.Context, upstream string, kind LinkKind, d digest.Digest) (bool, error)
 }

@@ -2,23 +2,81 @@ package cache
 
 import (
 	"context"
+	"errors"
+	"sync"
 
-	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/ocimirror/ocimirror/internal/lru"
 )
 
-// maxLRUManifest is the largest manifest kept in memory; bigger ones (rare:
-// huge indexes) are read from the store each time.
-const maxLRUManifest = 256 << 10
+// entryOverhead approximates what an LRU entry costs beyond its strings and
+// bytes: list element, map slot, headers.
+const entryOverhead = 128
 
-// LRU keeps hot manifests, tags and blob sizes of a Store in memory. Writes
-// go to the store first, then to memory, so memory never holds what the
-// store does not.
+// LRUOptions bounds the memory of an LRU.
+type LRUOptions struct {
+	// ManifestBytes bounds the manifests held, by their size.
+	ManifestBytes int64
+	// MetadataBytes bounds the tags, blob sizes and repository links held.
+	MetadataBytes int64
+	// ManifestEntries and MetadataEntries also bound the counts (0: no
+	// count bound).
+	ManifestEntries int
+	MetadataEntries int
+}
+
+// LRU keeps hot manifests, tags, blob sizes and repository links of a Store
+// in memory, each bounded in bytes. Writes go to the store first, then to
+// memory, so memory never holds what the store does not. Only positive
+// answers are kept.
 type LRU struct {
 	Store
-	manifests *lru.Cache[digest.Digest, Manifest]
-	tags      *lru.Cache[TagKey, TagEntry]
-	blobs     *lru.Cache[digest.Digest, BlobInfo]
+	manifests guarded[digest.Digest, Manifest]
+	tags      guarded[TagKey, TagEntry]
+	blobs     guarded[digest.Digest, BlobInfo]
+	links     guarded[linkRef, LinkOrigin]
+}
+
+// guarded is an LRU in front of the store. A miss reads the store and
+// fills the LRU under a read lock; a write changes the store and the LRU
+// under the write lock, so a miss that read the store before a write can
+// never put the old value back after it (a deleted link served again, a
+// moved tag moved back).
+type guarded[K comparable, V any] struct {
+	mu sync.RWMutex
+	l  *lru.Sized[K, V]
+}
+
+func (g *guarded[K, V]) get(k K, load func() (V, error)) (V, error) {
+	if v, ok := g.l.Get(k); ok {
+		return v, nil
+	}
+	g.mu.RLock()
+	defer g.mu.RUnlock()
+	v, err := load()
+	if err == nil {
+		g.l.Add(k, v)
+	}
+	return v, err
+}
+
+// write runs store; on success the LRU holds *v (or nothing when v is nil).
+func (g *guarded[K, V]) write(k K, v *V, store func() error) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.l.Remove(k)
+	err := store()
+	if err == nil && v != nil {
+		g.l.Add(k, *v)
+	}
+	return err
+}
+
+type linkRef struct {
+	repo   RepoKey
+	kind   LinkKind
+	digest digest.Digest
 }
 
 var (
@@ -26,96 +84,68 @@ var (
 	_ Toucher = (*LRU)(nil)
 )
 
-// NewLRU wraps s with LRUs of the given entry counts.
-func NewLRU(s Store, manifestEntries, metadataEntries int) (*LRU, error) {
-	m, err := lru.New[digest.Digest, Manifest](manifestEntries)
-	if err != nil {
-		return nil, err
-	}
-	t, err := lru.New[TagKey, TagEntry](metadataEntries)
-	if err != nil {
-		return nil, err
-	}
-	b, err := lru.New[digest.Digest, BlobInfo](metadataEntries)
-	if err != nil {
-		return nil, err
-	}
-	return &LRU{Store: s, manifests: m, tags: t, blobs: b}, nil
+// NewLRU wraps s with in-memory LRUs. The metadata budget is shared out:
+// half to tags, a quarter each to blob sizes and links.
+func NewLRU(s Store, o LRUOptions) *LRU {
+	c := &LRU{Store: s}
+	c.manifests.l = lru.New(o.ManifestBytes, o.ManifestEntries, func(d digest.Digest, m Manifest) int64 {
+		return int64(len(d)+len(m.MediaType)+len(m.Data)) + entryOverhead
+	})
+	c.tags.l = lru.New(o.MetadataBytes/2, o.MetadataEntries, func(k TagKey, e TagEntry) int64 {
+		return int64(len(k.Upstream)+len(k.Repo)+len(k.Tag)+len(e.Digest)+len(e.MediaType)) + entryOverhead
+	})
+	c.blobs.l = lru.New(o.MetadataBytes/4, o.MetadataEntries, func(d digest.Digest, _ BlobInfo) int64 {
+		return int64(2*len(d)) + entryOverhead
+	})
+	c.links.l = lru.New(o.MetadataBytes/4, o.MetadataEntries, func(l linkRef, _ LinkOrigin) int64 {
+		return int64(len(l.repo.Upstream)+len(l.repo.Repo)+len(l.digest)) + entryOverhead
+	})
+	return c
+}
+
+// MemoryBytes is what the LRUs hold, by their cost estimate.
+func (c *LRU) MemoryBytes() int64 {
+	return c.manifests.l.Bytes() + c.tags.l.Bytes() + c.blobs.l.Bytes() + c.links.l.Bytes()
 }
 
 // GetManifest implements ManifestStore.
 func (c *LRU) GetManifest(ctx context.Context, d digest.Digest) (Manifest, error) {
-	if m, ok := c.manifests.Get(d); ok {
-		return m, nil
-	}
-	m, err := c.Store.GetManifest(ctx, d)
-	if err == nil && len(m.Data) <= maxLRUManifest {
-		c.manifests.Add(d, m)
-	}
-	return m, err
+	return c.manifests.get(d, func() (Manifest, error) { return c.Store.GetManifest(ctx, d) })
 }
 
 // PutManifest implements ManifestStore.
 func (c *LRU) PutManifest(ctx context.Context, m Manifest) error {
-	if err := c.Store.PutManifest(ctx, m); err != nil {
-		return err
-	}
-	if len(m.Data) <= maxLRUManifest {
-		c.manifests.Add(m.Digest, m)
-	}
-	return nil
+	return c.manifests.write(m.Digest, &m, func() error { return c.Store.PutManifest(ctx, m) })
 }
 
 // DeleteManifest implements ManifestStore.
 func (c *LRU) DeleteManifest(ctx context.Context, d digest.Digest) error {
-	c.manifests.Remove(d)
-	return c.Store.DeleteManifest(ctx, d)
-}
-
-// DeleteBlob implements BlobStore.
-func (c *LRU) DeleteBlob(ctx context.Context, d digest.Digest) error {
-	c.blobs.Remove(d)
-	return c.Store.DeleteBlob(ctx, d)
-}
-
-// GetTag implements TagStore.
-func (c *LRU) GetTag(ctx context.Context, k TagKey) (TagEntry, error) {
-	if e, ok := c.tags.Get(k); ok {
-		return e, nil
-	}
-	e, err := c.Store.GetTag(ctx, k)
-	if err == nil {
-		c.tags.Add(k, e)
-	}
-	return e, err
-}
-
-// PutTag implements TagStore.
-func (c *LRU) PutTag(ctx context.Context, k TagKey, e TagEntry) error {
-	if err := c.Store.PutTag(ctx, k, e); err != nil {
-		c.tags.Remove(k)
-		return err
-	}
-	c.tags.Add(k, e)
-	return nil
-}
-
-// DeleteTag implements TagStore.
-func (c *LRU) DeleteTag(ctx context.Context, k TagKey) error {
-	c.tags.Remove(k)
-	return c.Store.DeleteTag(ctx, k)
+	return c.manifests.write(d, nil, func() error { return c.Store.DeleteManifest(ctx, d) })
 }
 
 // StatBlob implements BlobStore.
 func (c *LRU) StatBlob(ctx context.Context, d digest.Digest) (BlobInfo, error) {
-	if b, ok := c.blobs.Get(d); ok {
-		return b, nil
-	}
-	b, err := c.Store.StatBlob(ctx, d)
-	if err == nil {
-		c.blobs.Add(d, b)
-	}
-	return b, err
+	return c.blobs.get(d, func() (BlobInfo, error) { return c.Store.StatBlob(ctx, d) })
+}
+
+// DeleteBlob implements BlobStore.
+func (c *LRU) DeleteBlob(ctx context.Context, d digest.Digest) error {
+	return c.blobs.write(d, nil, func() error { return c.Store.DeleteBlob(ctx, d) })
+}
+
+// GetTag implements TagStore.
+func (c *LRU) GetTag(ctx context.Context, k TagKey) (TagEntry, error) {
+	return c.tags.get(k, func() (TagEntry, error) { return c.Store.GetTag(ctx, k) })
+}
+
+// PutTag implements TagStore.
+func (c *LRU) PutTag(ctx context.Context, k TagKey, e TagEntry) error {
+	return c.tags.write(k, &e, func() error { return c.Store.PutTag(ctx, k, e) })
+}
+
+// DeleteTag implements TagStore.
+func (c *LRU) DeleteTag(ctx context.Context, k TagKey) error {
+	return c.tags.write(k, nil, func() error { return c.Store.DeleteTag(ctx, k) })
 }
 
 // CreateBlob implements BlobStore; a commit also enters the LRU.
@@ -133,11 +163,49 @@ type lruWriter struct {
 }
 
 func (w *lruWriter) Commit(ctx context.Context, d digest.Digest, size int64) error {
-	if err := w.BlobWriter.Commit(ctx, d, size); err != nil {
-		return err
+	// The store keeps the first commit of a digest: the LRU learns the
+	// size from the store, not from this writer.
+	return w.c.blobs.write(d, nil, func() error { return w.BlobWriter.Commit(ctx, d, size) })
+}
+
+// Park implements Parker when the store's writer does.
+func (w *lruWriter) Park() error {
+	if p, ok := w.BlobWriter.(Parker); ok {
+		return p.Park()
 	}
-	w.c.blobs.Add(d, BlobInfo{Digest: d, Size: size})
 	return nil
+}
+
+// Link implements RepoLinks. The store decides the origin (an upstream
+// link is never downgraded), so the LRU learns it at the next read.
+func (c *LRU) Link(ctx context.Context, k RepoKey, kind LinkKind, d digest.Digest, origin LinkOrigin) error {
+	return c.links.write(linkRef{k, kind, d}, nil, func() error { return c.Store.Link(ctx, k, kind, d, origin) })
+}
+
+// Unlink implements RepoLinks.
+func (c *LRU) Unlink(ctx context.Context, k RepoKey, kind LinkKind, d digest.Digest) (bool, error) {
+	var existed bool
+	err := c.links.write(linkRef{k, kind, d}, nil, func() error {
+		var err error
+		existed, err = c.Store.Unlink(ctx, k, kind, d)
+		return err
+	})
+	return existed, err
+}
+
+// Linked implements RepoLinks; only links that exist are remembered.
+func (c *LRU) Linked(ctx context.Context, k RepoKey, kind LinkKind, d digest.Digest) (LinkOrigin, bool, error) {
+	o, err := c.links.get(linkRef{k, kind, d}, func() (LinkOrigin, error) {
+		o, ok, err := c.Store.Linked(ctx, k, kind, d)
+		if err == nil && !ok {
+			err = ErrNotFound
+		}
+		return o, err
+	})
+	if errors.Is(err, ErrNotFound) {
+		return 0, false, nil
+	}
+	return o, err == nil, err
 }
 
 // Touch implements Toucher when the store does.

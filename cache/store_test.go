@@ -46,11 +46,7 @@ func stores() []storeCase {
 		{"badger", func(t *testing.T, dir string) (cache.Store, func()) { return openBadger(t, dir) }},
 		{"lru", func(t *testing.T, dir string) (cache.Store, func()) {
 			b, closeFn := openBadger(t, dir)
-			l, err := cache.NewLRU(b, 4, 4)
-			if err != nil {
-				t.Fatal(err)
-			}
-			return l, closeFn
+			return cache.NewLRU(b, cache.LRUOptions{ManifestBytes: 4 << 10, MetadataBytes: 4 << 10, ManifestEntries: 4, MetadataEntries: 4}), closeFn
 		}},
 	}
 }
@@ -157,9 +153,9 @@ func TestStore(t *testing.T) {
 				if _, err := s.StatBlob(ctx, d); !errors.Is(err, cache.ErrNotFound) {
 					t.Fatalf("stat before commit: %v", err)
 				}
-				// The writer's own readers see what is flushed.
-				if w.Flushed() != 5*testChunk {
-					t.Fatalf("flushed %d", w.Flushed())
+				// The writer's own readers see everything written.
+				if w.Size() != 5*testChunk {
+					t.Fatalf("size %d", w.Size())
 				}
 				buf := make([]byte, testChunk)
 				if _, err := w.ReadAt(buf, testChunk); err != nil || !bytes.Equal(buf, data[testChunk:2*testChunk]) {
@@ -231,7 +227,7 @@ func TestStore(t *testing.T) {
 						var got []byte
 						buf := make([]byte, 333)
 						for deadline := time.Now().Add(10 * time.Second); len(got) < len(data) && time.Now().Before(deadline); {
-							if f := w.Flushed(); int64(len(got)) < f {
+							if f := w.Size(); int64(len(got)) < f {
 								n := min(int64(len(buf)), f-int64(len(got)))
 								if _, err := w.ReadAt(buf[:n], int64(len(got))); err != nil {
 									errs <- err
@@ -357,47 +353,124 @@ func TestStore(t *testing.T) {
 				s, closeFn := sc.open(t, t.TempDir())
 				defer closeFn()
 				d := digest.FromString("x")
-				if ok, err := s.Linked(ctx, "a", cache.LinkBlob, d); ok || err != nil {
+				a := cache.RepoKey{Upstream: "up", Repo: "a"}
+				if _, ok, err := s.Linked(ctx, a, cache.LinkBlob, d); ok || err != nil {
 					t.Fatalf("before link: %v %v", ok, err)
 				}
-				_ = s.Link(ctx, "a", cache.LinkBlob, d)
-				if ok, _ := s.Linked(ctx, "a", cache.LinkBlob, d); !ok {
-					t.Fatal("link not found")
+				if ok, _ := s.UpstreamHolds(ctx, "up", cache.LinkBlob, d); ok {
+					t.Fatal("upstream holds before any link")
+				}
+				_ = s.Link(ctx, a, cache.LinkBlob, d, cache.OriginPushed)
+				if o, ok, _ := s.Linked(ctx, a, cache.LinkBlob, d); !ok || o != cache.OriginPushed {
+					t.Fatalf("link: %c %v", o, ok)
+				}
+				if ok, _ := s.UpstreamHolds(ctx, "up", cache.LinkBlob, d); ok {
+					t.Fatal("a pushed link counts as the upstream's")
 				}
 				for _, other := range []struct {
-					repo string
+					k    cache.RepoKey
 					kind cache.LinkKind
-				}{{"a/b", cache.LinkBlob}, {"b", cache.LinkBlob}, {"a", cache.LinkManifest}} {
-					if ok, _ := s.Linked(ctx, other.repo, other.kind, d); ok {
-						t.Errorf("link leaks to %s %c", other.repo, other.kind)
+				}{
+					{cache.RepoKey{Upstream: "up", Repo: "a/b"}, cache.LinkBlob},
+					{cache.RepoKey{Upstream: "up", Repo: "b"}, cache.LinkBlob},
+					{cache.RepoKey{Upstream: "up", Repo: "a"}, cache.LinkManifest},
+					{cache.RepoKey{Upstream: "other", Repo: "a"}, cache.LinkBlob},
+					{cache.RepoKey{Repo: "a"}, cache.LinkBlob},
+				} {
+					if _, ok, _ := s.Linked(ctx, other.k, other.kind, d); ok {
+						t.Errorf("link leaks to %+v %c", other.k, other.kind)
 					}
 				}
-				if existed, err := s.Unlink(ctx, "a", cache.LinkBlob, d); !existed || err != nil {
+				// The upstream's confirmation upgrades the origin; a later push keeps it.
+				_ = s.Link(ctx, a, cache.LinkBlob, d, cache.OriginUpstream)
+				_ = s.Link(ctx, a, cache.LinkBlob, d, cache.OriginPushed)
+				if o, _, _ := s.Linked(ctx, a, cache.LinkBlob, d); o != cache.OriginUpstream {
+					t.Fatalf("origin after upstream then push: %c", o)
+				}
+				if ok, _ := s.UpstreamHolds(ctx, "up", cache.LinkBlob, d); !ok {
+					t.Fatal("upstream does not hold after an upstream link")
+				}
+				for _, u := range []string{"u", "upx", ""} {
+					if ok, _ := s.UpstreamHolds(ctx, u, cache.LinkBlob, d); ok {
+						t.Errorf("upstream %q holds", u)
+					}
+				}
+				if existed, err := s.Unlink(ctx, a, cache.LinkBlob, d); !existed || err != nil {
 					t.Fatalf("unlink: %v %v", existed, err)
 				}
-				if existed, _ := s.Unlink(ctx, "a", cache.LinkBlob, d); existed {
+				if existed, _ := s.Unlink(ctx, a, cache.LinkBlob, d); existed {
 					t.Fatal("second unlink found a link")
+				}
+				if ok, _ := s.UpstreamHolds(ctx, "up", cache.LinkBlob, d); ok {
+					t.Fatal("upstream holds after unlink")
 				}
 			})
 
-			t.Run("writer reads its own tail", func(t *testing.T) {
+			t.Run("readers see the tail", func(t *testing.T) {
 				s, closeFn := sc.open(t, t.TempDir())
 				defer closeFn()
 				data := randomBytes(2*testChunk + 300)
 				w, _ := s.CreateBlob(ctx)
 				_, _ = w.Write(data)
-				if w.Size() != int64(len(data)) || w.Flushed() != 2*testChunk {
-					t.Fatalf("size %d flushed %d", w.Size(), w.Flushed())
+				if w.Size() != int64(len(data)) {
+					t.Fatalf("size %d", w.Size())
 				}
-				got, err := io.ReadAll(io.NewSectionReader(w, 0, w.Size()))
-				if err != nil || !bytes.Equal(got, data) {
-					t.Fatalf("read back: %v", err)
+				// Another goroutine reads the unflushed tail too.
+				done := make(chan error)
+				go func() {
+					got, err := io.ReadAll(io.NewSectionReader(w, 0, w.Size()))
+					if err == nil && !bytes.Equal(got, data) {
+						err = errors.New("read back differs")
+					}
+					done <- err
+				}()
+				if err := <-done; err != nil {
+					t.Fatal(err)
 				}
 				buf := make([]byte, 500)
 				if n, err := w.ReadAt(buf, 2*testChunk-100); n != 400 || !errors.Is(err, io.EOF) || !bytes.Equal(buf[:n], data[2*testChunk-100:]) {
 					t.Fatalf("read across the flush edge: %d %v", n, err)
 				}
 				_ = w.Cancel(ctx)
+			})
+
+			t.Run("parked writer", func(t *testing.T) {
+				s, closeFn := sc.open(t, t.TempDir())
+				defer closeFn()
+				data := randomBytes(3*testChunk + 10)
+				w, _ := s.CreateBlob(ctx)
+				p, ok := w.(cache.Parker)
+				if !ok {
+					t.Fatal("the writer cannot park")
+				}
+				// Park at every kind of edge: mid-chunk, on a chunk edge, twice in a row.
+				for i, piece := range [][]byte{data[:testChunk/2], data[testChunk/2 : testChunk], data[testChunk : 2*testChunk+7], data[2*testChunk+7:]} {
+					if _, err := w.Write(piece); err != nil {
+						t.Fatal(err)
+					}
+					if err := p.Park(); err != nil {
+						t.Fatal(err)
+					}
+					if i == 2 {
+						if err := p.Park(); err != nil {
+							t.Fatal(err)
+						}
+						got, err := io.ReadAll(io.NewSectionReader(w, 0, w.Size()))
+						if err != nil || !bytes.Equal(got, data[:2*testChunk+7]) {
+							t.Fatalf("read while parked: %v", err)
+						}
+					}
+				}
+				if w.Size() != int64(len(data)) {
+					t.Fatalf("size %d", w.Size())
+				}
+				d := digest.FromBytes(data)
+				if err := w.Commit(ctx, d, int64(len(data))); err != nil {
+					t.Fatal(err)
+				}
+				if got := readBlob(t, s, d); !bytes.Equal(got, data) {
+					t.Fatal("parked blob differs")
+				}
 			})
 
 			t.Run("restart", func(t *testing.T) {
@@ -534,7 +607,7 @@ func TestLRU_ServesFromMemory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, _ := cache.NewLRU(b, 2, 2)
+	l := cache.NewLRU(b, cache.LRUOptions{ManifestBytes: 1 << 20, MetadataBytes: 1 << 20})
 	ctx := context.Background()
 	body := []byte("{}")
 	m := cache.Manifest{Digest: digest.FromBytes(body), MediaType: "x", Data: body}

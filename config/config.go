@@ -10,9 +10,11 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
+	"github.com/dustin/go-humanize"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -26,6 +28,8 @@ type Config struct {
 	Storage Storage `yaml:"storage"`
 	// Cache tunes the in-memory layer above the store.
 	Cache Cache `yaml:"cache"`
+	// Uploads bounds the blob upload sessions clients can open.
+	Uploads Uploads `yaml:"uploads"`
 	// DefaultUpstream names the upstream for requests with no ns and no host prefix.
 	DefaultUpstream string `yaml:"defaultUpstream"`
 	// Upstreams are the registries ocimirror mirrors.
@@ -55,12 +59,29 @@ type Storage struct {
 	Path string `yaml:"path"`
 }
 
-// Cache configures the in-memory LRU above the store.
+// Cache configures what is held in memory above the store. Every part is
+// bounded in bytes: entries vary in size.
 type Cache struct {
-	// ManifestEntries is how many manifests the LRU holds.
+	// ManifestBytes bounds the manifests held in memory (default 64MiB).
+	ManifestBytes Size `yaml:"manifestBytes"`
+	// MetadataBytes bounds the tags, blob sizes and repository links held in memory (default 16MiB).
+	MetadataBytes Size `yaml:"metadataBytes"`
+	// TagListBytes bounds the upstream tag lists held in memory (default 32MiB).
+	TagListBytes Size `yaml:"tagListBytes"`
+	// ManifestEntries, when set, also bounds the count of manifests held.
 	ManifestEntries int `yaml:"manifestEntries"`
-	// MetadataEntries is how many tag and blob entries the LRU holds.
+	// MetadataEntries, when set, also bounds the count of each kind of metadata held.
 	MetadataEntries int `yaml:"metadataEntries"`
+}
+
+// Uploads bounds blob upload sessions.
+type Uploads struct {
+	// Max is how many sessions may be open at once (default 4096).
+	Max int `yaml:"max"`
+	// PerClient is how many of them one client address may hold (default 64).
+	PerClient int `yaml:"perClient"`
+	// Idle discards a session unused for this long (default 5m).
+	Idle Duration `yaml:"idle"`
 }
 
 // Upstream is one registry ocimirror mirrors.
@@ -183,6 +204,38 @@ func (d *Duration) parse(field string) error {
 	return nil
 }
 
+// Size is a byte count written as 64MiB, 1GB or 1048576. It keeps what was
+// written so that Validate can name a bad value with its field.
+type Size struct {
+	Bytes int64
+	raw   string
+}
+
+// UnmarshalText records the text; Validate parses it.
+func (s *Size) UnmarshalText(b []byte) error {
+	s.raw = string(b)
+	s.Bytes = 0
+	return nil
+}
+
+// MarshalText writes the size in bytes.
+func (s Size) MarshalText() ([]byte, error) { return []byte(strconv.FormatInt(s.Bytes, 10)), nil }
+
+func (s *Size) parse(field string) error {
+	if s.raw == "" {
+		return nil
+	}
+	v, err := humanize.ParseBytes(s.raw)
+	if err != nil || v < 1<<10 || v > 1<<40 {
+		return fmt.Errorf("%s: invalid size %q (use a value such as 64MiB, between 1KiB and 1TiB)", field, s.raw)
+	}
+	s.Bytes, s.raw = int64(v), ""
+	return nil
+}
+
+// Bytes returns a Size of n bytes.
+func Bytes(n int64) Size { return Size{Bytes: n} }
+
 // Dur returns a Duration of v.
 func Dur(v time.Duration) Duration { return Duration{Duration: v} }
 
@@ -196,7 +249,8 @@ func Default() Config {
 	return Config{
 		Listen:          ":5000",
 		Storage:         Storage{Path: "./ocimirror-data"},
-		Cache:           Cache{ManifestEntries: 4096, MetadataEntries: 65536},
+		Cache:           Cache{ManifestBytes: Bytes(64 << 20), MetadataBytes: Bytes(16 << 20), TagListBytes: Bytes(32 << 20)},
+		Uploads:         Uploads{Max: 4096, PerClient: 64, Idle: Dur(5 * time.Minute)},
 		DefaultUpstream: DockerHub,
 		Upstreams: []Upstream{
 			{Name: DockerHub, URL: "https://registry-1.docker.io"},
@@ -253,11 +307,29 @@ func (c *Config) merge(f Config) {
 	if f.Storage.Path != "" {
 		c.Storage.Path = f.Storage.Path
 	}
+	for _, p := range []struct{ dst, src *Size }{
+		{&c.Cache.ManifestBytes, &f.Cache.ManifestBytes},
+		{&c.Cache.MetadataBytes, &f.Cache.MetadataBytes},
+		{&c.Cache.TagListBytes, &f.Cache.TagListBytes},
+	} {
+		if p.src.raw != "" || p.src.Bytes != 0 {
+			*p.dst = *p.src
+		}
+	}
 	if f.Cache.ManifestEntries != 0 {
 		c.Cache.ManifestEntries = f.Cache.ManifestEntries
 	}
 	if f.Cache.MetadataEntries != 0 {
 		c.Cache.MetadataEntries = f.Cache.MetadataEntries
+	}
+	if f.Uploads.Max != 0 {
+		c.Uploads.Max = f.Uploads.Max
+	}
+	if f.Uploads.PerClient != 0 {
+		c.Uploads.PerClient = f.Uploads.PerClient
+	}
+	if f.Uploads.Idle.raw != "" || f.Uploads.Idle.Duration != 0 {
+		c.Uploads.Idle = f.Uploads.Idle
 	}
 	if f.DefaultUpstream != "" {
 		c.DefaultUpstream = f.DefaultUpstream
@@ -320,11 +392,31 @@ func (c *Config) Validate() error {
 	if c.Storage.Path == "" {
 		return errors.New("storage.path: must not be empty")
 	}
-	if c.Cache.ManifestEntries < 1 {
-		return fmt.Errorf("cache.manifestEntries: %d must be at least 1", c.Cache.ManifestEntries)
+	for _, f := range []struct {
+		name string
+		v    *Size
+	}{{"cache.manifestBytes", &c.Cache.ManifestBytes}, {"cache.metadataBytes", &c.Cache.MetadataBytes}, {"cache.tagListBytes", &c.Cache.TagListBytes}} {
+		if err := f.v.parse(f.name); err != nil {
+			return err
+		}
 	}
-	if c.Cache.MetadataEntries < 1 {
-		return fmt.Errorf("cache.metadataEntries: %d must be at least 1", c.Cache.MetadataEntries)
+	if c.Cache.ManifestEntries < 0 {
+		return fmt.Errorf("cache.manifestEntries: %d must not be negative (0: no count bound)", c.Cache.ManifestEntries)
+	}
+	if c.Cache.MetadataEntries < 0 {
+		return fmt.Errorf("cache.metadataEntries: %d must not be negative (0: no count bound)", c.Cache.MetadataEntries)
+	}
+	if c.Uploads.Max < 1 {
+		return fmt.Errorf("uploads.max: %d must be at least 1", c.Uploads.Max)
+	}
+	if c.Uploads.PerClient < 1 {
+		return fmt.Errorf("uploads.perClient: %d must be at least 1", c.Uploads.PerClient)
+	}
+	if err := c.Uploads.Idle.parse("uploads.idle"); err != nil {
+		return err
+	}
+	if c.Uploads.Idle.Duration < time.Second {
+		return fmt.Errorf("uploads.idle: %s must be at least 1s", c.Uploads.Idle.Duration)
 	}
 	if err := c.ShutdownTimeout.parse("shutdownTimeout"); err != nil {
 		return err
@@ -348,6 +440,7 @@ func (c *Config) Validate() error {
 		}
 		seen[u.Name] = true
 	}
+	c.DefaultUpstream = strings.ToLower(c.DefaultUpstream)
 	if c.DefaultUpstream != "" && !seen[c.DefaultUpstream] {
 		return fmt.Errorf("defaultUpstream: %q is not the name of a configured upstream", c.DefaultUpstream)
 	}
@@ -358,6 +451,7 @@ func (u *Upstream) validate(field string) error {
 	if !validHost(u.Name) {
 		return fmt.Errorf("%s.name: %q is not a registry host such as docker.io or 127.0.0.1:5002", field, u.Name)
 	}
+	u.Name = strings.ToLower(u.Name) // host names compare case-insensitively
 	if u.URL == "" {
 		u.URL = "https://" + u.Name
 		if u.Name == DockerHub {

@@ -86,7 +86,7 @@ readOnly: true
 		t.Errorf("hosted %v readOnly %v", c.Hosted, c.ReadOnly)
 	}
 	// Fields the file leaves out keep their defaults.
-	if c.Cache.ManifestEntries != Default().Cache.ManifestEntries || c.ShutdownTimeout.Duration != 30*time.Second {
+	if c.Cache.ManifestBytes != Default().Cache.ManifestBytes || c.ShutdownTimeout.Duration != 30*time.Second {
 		t.Errorf("defaults lost: %+v", c)
 	}
 }
@@ -121,6 +121,10 @@ func TestParse_Errors(t *testing.T) {
 		{"missing docker config", "upstreams:\n  - name: a.io\n    dockerConfig: /nonexistent.json\n", []string{"upstreams[0].dockerConfig", "/nonexistent.json"}},
 		{"tls half", "tls:\n  certFile: a.pem\n", []string{"tls", "a.pem"}},
 		{"bad entries", "cache:\n  manifestEntries: -1\n", []string{"cache.manifestEntries", "-1"}},
+		{"bad size", "cache:\n  manifestBytes: 64 parsecs\n", []string{"cache.manifestBytes", "64 parsecs"}},
+		{"tiny size", "cache:\n  metadataBytes: 10\n", []string{"cache.metadataBytes", "10"}},
+		{"bad uploads", "uploads:\n  perClient: -3\n", []string{"uploads.perClient", "-3"}},
+		{"bad upload idle", "uploads:\n  idle: soon\n", []string{"uploads.idle", "soon"}},
 		{"not yaml", "listen: [\n", []string{"yaml"}},
 		{"bad push mode", "upstreams:\n  - name: a.io\n    push: always\n", []string{"push", `"always"`}},
 		{"bad hosted prefix", "hosted: [\"CI/\"]\n", []string{"hosted[0]", `"CI/"`}},

@@ -21,28 +21,45 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request, q *request) error 
 	if err := q.parseDigestVar(r); err != nil {
 		return err
 	}
-	d := q.dgst
+	return q.src.blob(w, r, q)
+}
+
+// blob implements source. A blob the repository links is served from the
+// store. One whose bytes this upstream delivered for another repository
+// is served after one upstream HEAD confirms this repository holds it.
+// Anything else is fetched: one upstream GET shared by every client of
+// the upstream that wants the blob, each confirmed for its own repository.
+func (u *upstreamState) blob(w http.ResponseWriter, r *http.Request, q *request) error {
+	s := u.s
 	ctx := r.Context()
-	if q.up.hosted {
-		return s.hostedBlob(w, r, q)
-	}
-	info, err := s.store.StatBlob(ctx, d)
-	if err == nil {
-		q.setCache("hit")
-		return s.serveStored(w, r, q, info.Size)
-	}
-	if !errors.Is(err, cache.ErrNotFound) {
+	_, linked, err := s.store.Linked(ctx, q.key(), cache.LinkBlob, q.dgst)
+	if err != nil {
 		return err
 	}
+	if linked {
+		info, err := s.store.StatBlob(ctx, q.dgst)
+		if err == nil {
+			q.setCache("hit")
+			return s.serveStored(w, r, q, info.Size)
+		}
+		if !errors.Is(err, cache.ErrNotFound) {
+			return err
+		}
+	} else if info, ok, err := u.confirmStoredBlob(ctx, q); err != nil {
+		return err
+	} else if ok {
+		q.setCache("revalidated")
+		return s.serveStored(w, r, q, info.Size)
+	}
 	if r.Method == http.MethodHead {
-		return s.headBlob(w, r, q)
+		return u.headBlob(w, r, q)
 	}
 	f, started, err := s.joinFill(ctx, q)
 	if err != nil {
 		return err
 	}
 	if f == nil {
-		info, err := s.store.StatBlob(ctx, d)
+		info, err := s.heldBlob(ctx, q)
 		if err != nil {
 			return err
 		}
@@ -50,6 +67,12 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request, q *request) error 
 		return s.serveStored(w, r, q, info.Size)
 	}
 	q.setCache(missOrCoalesced(!started))
+	if f.repo != q.repo && !linked {
+		// The fill is another repository's: this one must hold the blob too.
+		if err := u.confirm(ctx, q.repo, cache.LinkBlob, q.dgst, -1); err != nil {
+			return err
+		}
+	}
 	select {
 	case <-f.ready:
 	case <-ctx.Done():
@@ -61,23 +84,23 @@ func (s *Server) blob(w http.ResponseWriter, r *http.Request, q *request) error 
 	return s.serveFill(w, r, q, f)
 }
 
-// hostedBlob serves a blob of a hosted repository: only blobs linked to it.
-func (s *Server) hostedBlob(w http.ResponseWriter, r *http.Request, q *request) error {
-	ok, err := s.store.Linked(r.Context(), q.repo, cache.LinkBlob, q.dgst)
-	if err != nil {
-		return err
+// confirmStoredBlob is confirmStored for blobs.
+func (u *upstreamState) confirmStoredBlob(ctx context.Context, q *request) (cache.BlobInfo, bool, error) {
+	s := u.s
+	held, err := s.store.UpstreamHolds(ctx, u.name, cache.LinkBlob, q.dgst)
+	if err != nil || !held {
+		return cache.BlobInfo{}, false, err
 	}
-	var info cache.BlobInfo
-	if ok {
-		info, err = s.store.StatBlob(r.Context(), q.dgst)
+	info, err := s.store.StatBlob(ctx, q.dgst)
+	if errors.Is(err, cache.ErrNotFound) {
+		return cache.BlobInfo{}, false, nil
+	} else if err != nil {
+		return cache.BlobInfo{}, false, err
 	}
-	if !ok || errors.Is(err, cache.ErrNotFound) {
-		return ErrBlobUnknown(map[string]string{"digest": q.dgst.String()})
+	if err := u.confirm(ctx, q.repo, cache.LinkBlob, q.dgst, info.Size); err != nil {
+		return cache.BlobInfo{}, false, err
 	}
-	if err != nil {
-		return err
-	}
-	return s.serveStored(w, r, q, info.Size)
+	return info, true, nil
 }
 
 func setBlobHeaders(h http.Header, q *request, status int, start, end, size int64) {
@@ -139,12 +162,12 @@ func (s *Server) serveFill(w http.ResponseWriter, r *http.Request, q *request, f
 	if f.size < 0 && r.Header.Get("Range") != "" {
 		// Ranges need the length: wait for the end and serve the stored blob.
 		for {
-			_, done, err, wake := f.state()
+			avail, done, err, wake := f.state()
 			if err != nil {
 				return err
 			}
 			if done {
-				return s.serveStored(w, r, q, f.w.Flushed())
+				return s.serveStored(w, r, q, avail)
 			}
 			select {
 			case <-wake:
@@ -162,18 +185,21 @@ func (s *Server) serveFill(w http.ResponseWriter, r *http.Request, q *request, f
 	}
 	setBlobHeaders(w.Header(), q, status, start, end, f.size)
 	w.WriteHeader(status)
-	return s.follow(ctx, newDeadlineWriter(w), f, start, end)
+	dw := newDeadlineWriter(w)
+	dw.flush() // the headers go as soon as the upstream has answered
+	return s.follow(ctx, dw, f, start, end)
 }
 
-// headBlob answers a HEAD miss from a running fill or an upstream HEAD; it
-// never downloads.
-func (s *Server) headBlob(w http.ResponseWriter, r *http.Request, q *request) error {
+// headBlob answers a HEAD miss from the repository's running fill or an
+// upstream HEAD; it never downloads.
+func (u *upstreamState) headBlob(w http.ResponseWriter, r *http.Request, q *request) error {
+	s := u.s
 	q.setCache("miss")
 	ctx := r.Context()
 	s.fills.mu.Lock()
-	f := s.fills.m[q.dgst.String()]
+	f := s.fills.m[fillKey{upstream: u.name, digest: q.dgst}]
 	s.fills.mu.Unlock()
-	if f != nil {
+	if f != nil && f.repo == q.repo {
 		select {
 		case <-f.ready:
 			if f.startErr == nil && f.size >= 0 {
@@ -186,9 +212,9 @@ func (s *Server) headBlob(w http.ResponseWriter, r *http.Request, q *request) er
 			return ctx.Err()
 		}
 	}
-	ctx, cancel := context.WithTimeout(ctx, upstreamFetchTimeout)
+	hctx, cancel := context.WithTimeout(ctx, upstreamFetchTimeout)
 	defer cancel()
-	resp, err := q.up.client.Blob(ctx, http.MethodHead, q.repo, q.dgst, 0, 0)
+	resp, err := u.client.Blob(hctx, http.MethodHead, q.repo, q.dgst, 0, 0)
 	if err != nil {
 		return err
 	}
@@ -255,4 +281,10 @@ func newDeadlineWriter(w http.ResponseWriter) deadlineWriter {
 func (d deadlineWriter) Write(p []byte) (int, error) {
 	_ = d.rc.SetWriteDeadline(time.Now().Add(clientWriteTimeout))
 	return d.w.Write(p)
+}
+
+// flush sends what is buffered to the client now.
+func (d deadlineWriter) flush() {
+	_ = d.rc.SetWriteDeadline(time.Now().Add(clientWriteTimeout))
+	_ = d.rc.Flush()
 }

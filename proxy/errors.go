@@ -110,6 +110,12 @@ func ErrNameInvalid(n any) *Error     { return newError(CodeNameInvalid, n) }
 func ErrDigestInvalid(d any) *Error   { return newError(CodeDigestInvalid, d) }
 func ErrUnsupported(d any) *Error     { return newError(CodeUnsupported, d) }
 
+// errDigestMalformed is a digest that cannot be parsed (DIGEST_INVALID
+// otherwise says the content did not match it).
+func errDigestMalformed(d any) *Error {
+	return &Error{Code: CodeDigestInvalid, Message: "invalid digest", Detail: d}
+}
+
 // ErrTagInvalid is a reference that is neither a valid tag nor a digest.
 func ErrTagInvalid(t string) *Error {
 	return &Error{Code: CodeManifestInvalid, Message: "invalid tag or digest", Detail: map[string]string{"reference": t}}
@@ -127,4 +133,7 @@ var (
 	errDigestMismatch = errors.New("upstream content does not match its digest")
 	// errSizeMismatch: upstream sent another length than it announced.
 	errSizeMismatch = errors.New("upstream content length does not match")
+	// errNotManifest: upstream bytes of the digest asked for are not a
+	// manifest of the media type they came as.
+	errNotManifest = errors.New("upstream content is not a manifest of its media type")
 )

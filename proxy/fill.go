@@ -27,17 +27,25 @@ const fillBufSize = 256 << 10
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, fillBufSize); return &b }}
 
-// fills is the set of blob fills in progress, one per digest.
+// fills is the set of blob fills in progress, one per upstream and digest.
 type fills struct {
 	mu sync.Mutex
-	m  map[string]*blobFill
+	m  map[fillKey]*blobFill
+}
+
+type fillKey struct {
+	upstream string
+	digest   digest.Digest
 }
 
 // blobFill copies one blob from upstream into the cache. It belongs to the
 // server, not to the client that started it: clients follow it, reading
 // what has been written so far, and none of them can slow or stop it.
 type blobFill struct {
-	digest digest.Digest
+	key fillKey
+	// repo is the repository the blob is fetched for; it is linked there
+	// once committed.
+	repo string
 
 	// ready is closed once the upstream has answered; size, w and startErr
 	// are set before and never change after.
@@ -70,45 +78,50 @@ func (f *blobFill) update(avail int64, done bool, err error) {
 	f.wake = make(chan struct{})
 }
 
-// joinFill returns the fill for d, starting one when none runs. It returns
-// nil and started=false when the blob turned out to be committed already.
+// joinFill returns the running fill of the request's upstream for its
+// digest, starting one for the request's repository when none runs. It
+// returns nil when the repository turned out to hold the blob already.
 func (s *Server) joinFill(ctx context.Context, q *request) (f *blobFill, started bool, err error) {
-	key := q.dgst.String()
+	key := fillKey{upstream: q.up.name, digest: q.dgst}
 	s.fills.mu.Lock()
 	defer s.fills.mu.Unlock()
 	if f := s.fills.m[key]; f != nil {
 		return f, false, nil
 	}
 	// A fill may have committed between the caller's miss and this lock.
-	if _, err := s.store.StatBlob(ctx, q.dgst); err == nil {
+	if _, err := s.heldBlob(ctx, q); err == nil {
 		return nil, false, nil
 	} else if !errors.Is(err, cache.ErrNotFound) {
 		return nil, false, err
 	}
-	f = &blobFill{digest: q.dgst, ready: make(chan struct{}), size: -1, wake: make(chan struct{})}
+	f = &blobFill{key: key, repo: q.repo, ready: make(chan struct{}), size: -1, wake: make(chan struct{})}
 	s.fills.m[key] = f
 	s.work.Add(1)
 	fctx := trace.ContextWithSpanContext(s.ctx, trace.SpanContextFromContext(ctx))
-	go s.runFill(fctx, f, q.up, q.repo)
+	go s.runFill(fctx, f, q.up)
 	return f, true, nil
 }
 
+// endFill removes a fill from the set. It runs before the fill's end is
+// published: a client arriving after a failure starts afresh instead of
+// joining a fill that is about to fail it.
 func (s *Server) endFill(f *blobFill) {
 	s.fills.mu.Lock()
-	delete(s.fills.m, f.digest.String())
+	delete(s.fills.m, f.key)
 	s.fills.mu.Unlock()
-	s.work.Done()
 }
 
 // runFill streams the blob from upstream into a cache writer, hashing as it
-// goes, and commits only if size and digest match. A broken upstream body
-// is resumed with Range up to maxResumes times.
-func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState, repo string) {
-	defer s.endFill(f)
-	log := s.log.With("upstream", up.name, "repo", repo, "digest", f.digest)
+// goes, and commits only if size and digest match; then the blob is linked
+// to the fill's repository. A broken upstream body is resumed with Range
+// up to maxResumes times.
+func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState) {
+	defer s.work.Done()
+	d := f.key.digest
+	log := s.log.With("upstream", up.name, "repo", f.repo, "digest", d)
 	start := time.Now()
 
-	resp, err := up.client.Blob(ctx, http.MethodGet, repo, f.digest, 0, 0)
+	resp, err := up.client.Blob(ctx, http.MethodGet, f.repo, d, 0, 0)
 	if err == nil && resp.StatusCode != http.StatusOK {
 		resp.Body.Close()
 		err = fmt.Errorf("%w: blob GET answered %d", upstream.ErrInvalidResponse, resp.StatusCode)
@@ -120,6 +133,7 @@ func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState, re
 		}
 	}
 	if err != nil {
+		s.endFill(f)
 		f.startErr = err
 		close(f.ready)
 		return
@@ -127,29 +141,35 @@ func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState, re
 	f.size, f.w = resp.ContentLength, w
 	close(f.ready)
 
-	written, err := s.copyBlob(ctx, f, up, repo, resp)
+	written, err := s.copyBlob(ctx, f, up, resp)
 	if err == nil && f.size >= 0 && written != f.size {
 		err = fmt.Errorf("%w: got %d bytes, upstream announced %d", errSizeMismatch, written, f.size)
 	}
 	if err == nil {
-		err = w.Commit(ctx, f.digest, written)
+		err = w.Commit(ctx, d, written)
 	}
 	if err != nil {
 		if cerr := w.Cancel(context.WithoutCancel(ctx)); cerr != nil {
 			log.Error("discarding failed fill", "err", cerr)
 		}
 		log.Warn("blob fill failed; nothing cached", "err", err, "bytes", written)
-		f.update(w.Flushed(), true, err)
+		s.endFill(f)
+		f.update(w.Size(), true, err)
 		return
 	}
+	if err := s.store.Link(context.WithoutCancel(ctx), cache.RepoKey{Upstream: up.name, Repo: f.repo}, cache.LinkBlob, d, cache.OriginUpstream); err != nil {
+		log.Error("linking a filled blob to its repository", "err", err)
+	}
 	log.Debug("blob fill committed", "bytes", written, "duration", time.Since(start))
+	s.endFill(f)
 	f.update(written, true, nil)
 }
 
 // copyBlob copies the body into f.w and hashes it, resuming a broken body.
 // It returns the byte count, or an error when the bytes are not the digest's.
-func (s *Server) copyBlob(ctx context.Context, f *blobFill, up *upstreamState, repo string, resp *http.Response) (int64, error) {
-	h := f.digest.Algorithm().Hash()
+func (s *Server) copyBlob(ctx context.Context, f *blobFill, up *upstreamState, resp *http.Response) (int64, error) {
+	d := f.key.digest
+	h := d.Algorithm().Hash()
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
@@ -171,7 +191,7 @@ func (s *Server) copyBlob(ctx context.Context, f *blobFill, up *upstreamState, r
 			if f.size >= 0 && written > f.size {
 				return written, fmt.Errorf("%w: more than the %d bytes announced", errSizeMismatch, f.size)
 			}
-			f.update(f.w.Flushed(), false, nil)
+			f.update(written, false, nil)
 		}
 		if err == nil {
 			continue
@@ -185,8 +205,8 @@ func (s *Server) copyBlob(ctx context.Context, f *blobFill, up *upstreamState, r
 		resumes++
 		body.Close()
 		body = nil
-		s.log.Debug("blob body broke; resuming", "upstream", up.name, "digest", f.digest, "offset", written, "err", err)
-		next, rerr := up.client.Blob(ctx, http.MethodGet, repo, f.digest, written, f.size)
+		s.log.Debug("blob body broke; resuming", "upstream", up.name, "digest", d, "offset", written, "err", err)
+		next, rerr := up.client.Blob(ctx, http.MethodGet, f.repo, d, written, f.size)
 		if rerr != nil {
 			return written, rerr
 		}
@@ -195,7 +215,7 @@ func (s *Server) copyBlob(ctx context.Context, f *blobFill, up *upstreamState, r
 			return written, fmt.Errorf("%w: resume at %d answered %d %q", upstream.ErrUnavailable, written, next.StatusCode, next.Header.Get("Content-Range"))
 		}
 	}
-	if got := digest.NewDigest(f.digest.Algorithm(), h); got != f.digest {
+	if got := digest.NewDigest(d.Algorithm(), h); got != d {
 		return written, fmt.Errorf("%w: blob hashes to %s", errDigestMismatch, got)
 	}
 	return written, nil
@@ -205,7 +225,7 @@ func (s *Server) copyBlob(ctx context.Context, f *blobFill, up *upstreamState, r
 // them; end < 0 means to the end of the blob. The response's last byte is
 // held back until the fill is verified and committed, so a client never
 // sees a clean end of a body that turns out wrong: it sees a cut connection.
-func (s *Server) follow(ctx context.Context, w io.Writer, f *blobFill, start, end int64) error {
+func (s *Server) follow(ctx context.Context, w deadlineWriter, f *blobFill, start, end int64) error {
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
@@ -240,6 +260,9 @@ func (s *Server) follow(ctx context.Context, w io.Writer, f *blobFill, start, en
 		if done {
 			return nil
 		}
+		// Caught up with the upstream: what was written goes out now, not
+		// when a buffer fills (a slow upstream's bytes arrive as they come).
+		w.flush()
 		select {
 		case <-wake:
 		case <-ctx.Done():

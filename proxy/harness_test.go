@@ -112,10 +112,7 @@ func (e *env) open() {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.store, err = cache.NewLRU(e.badger, 64, 256)
-	if err != nil {
-		t.Fatal(err)
-	}
+	e.store = cache.NewLRU(e.badger, cache.LRUOptions{ManifestBytes: 1 << 20, MetadataBytes: 1 << 20})
 	var ups []proxy.Upstream
 	for _, u := range e.upstreams {
 		url := u.url

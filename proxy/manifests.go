@@ -2,19 +2,18 @@ package proxy
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"mime"
 	"net/http"
 	"strconv"
 	"strings"
 
 	"github.com/gorilla/mux"
 	"github.com/opencontainers/go-digest"
-	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/ocimirror/ocimirror/cache"
+	"github.com/ocimirror/ocimirror/manifest"
+	"github.com/ocimirror/ocimirror/referrers"
 	"github.com/ocimirror/ocimirror/upstream"
 )
 
@@ -25,38 +24,36 @@ func (s *Server) manifest(w http.ResponseWriter, r *http.Request, q *request) er
 	}
 	ctx := r.Context()
 	head := r.Method == http.MethodHead
-	var (
-		d    = q.dgst
-		mt   string
-		size int64
-		data []byte
-	)
-	if d == "" {
-		e, err := s.resolveTag(ctx, q, head)
+	var info manifestInfo
+	if q.dgst == "" {
+		e, held, err := q.src.tag(ctx, q, head)
 		if err != nil {
 			return err
 		}
-		d, mt, size = e.Digest, e.MediaType, e.Size
-	}
-	if !head || q.dgst != "" {
-		m, err := s.manifestByDigest(ctx, q, d, head)
-		if err != nil {
+		if head && !held {
+			info = manifestInfo{Manifest: cache.Manifest{Digest: e.Digest, MediaType: e.MediaType}, headSize: e.Size}
+		} else if info, err = q.src.manifest(ctx, q, e.Digest, head); err != nil {
 			return err
 		}
-		d, mt, size, data = m.Digest, m.MediaType, m.size(), m.Data
+	} else {
+		var err error
+		if info, err = q.src.manifest(ctx, q, q.dgst, head); err != nil {
+			return err
+		}
 	}
+	d, mt := info.Digest, info.MediaType
 	if !accepts(r.Header.Values("Accept"), mt) {
 		return &Error{Code: CodeManifestUnknown, Message: "manifest is not of a media type the client accepts",
 			Detail: map[string]string{"mediaType": mt, "digest": d.String()}}
 	}
 	h := w.Header()
 	h.Set("Content-Type", mt)
-	h.Set("Content-Length", strconv.FormatInt(size, 10))
+	h.Set("Content-Length", strconv.FormatInt(info.size(), 10))
 	h.Set(HeaderContentDigest, d.String())
 	h.Set("Etag", `"`+d.String()+`"`)
 	w.WriteHeader(http.StatusOK)
 	if !head {
-		_, _ = w.Write(data)
+		_, _ = w.Write(info.Data)
 	}
 	return nil
 }
@@ -75,70 +72,151 @@ func (m manifestInfo) size() int64 {
 	return int64(len(m.Data))
 }
 
-// manifestByDigest returns a manifest from cache, or fetches, verifies and
-// caches it. Concurrent misses share one upstream GET. A HEAD miss is a HEAD
-// upstream and caches nothing. A hosted repository answers only for the
-// manifests linked to it.
-func (s *Server) manifestByDigest(ctx context.Context, q *request, d digest.Digest, head bool) (manifestInfo, error) {
-	if q.up.hosted {
-		ok, err := s.store.Linked(ctx, q.repo, cache.LinkManifest, d)
-		if err != nil {
-			return manifestInfo{}, err
-		}
-		if !ok {
-			return manifestInfo{}, ErrManifestUnknown(map[string]string{"name": q.name, "reference": d.String()})
-		}
-		m, err := s.store.GetManifest(ctx, d)
-		if errors.Is(err, cache.ErrNotFound) {
-			return manifestInfo{}, ErrManifestUnknown(map[string]string{"name": q.name, "reference": d.String()})
-		}
-		return manifestInfo{Manifest: m}, err
-	}
-	if head {
-		m, err := s.store.GetManifest(ctx, d)
-		if err == nil {
-			q.setCache("hit")
-			return manifestInfo{Manifest: m}, nil
-		}
-		if !errors.Is(err, cache.ErrNotFound) {
-			return manifestInfo{}, err
-		}
-		q.setCache("miss")
-		return s.headManifest(ctx, q, d)
-	}
-	m, how, err := s.manifestFor(ctx, q.up, q.repo, d)
+// manifest implements source: a manifest the repository holds, confirmed
+// or fetched from the upstream when needed.
+func (u *upstreamState) manifest(ctx context.Context, q *request, d digest.Digest, head bool) (manifestInfo, error) {
+	m, how, err := u.getManifest(ctx, q.repo, d, getOptions{head: head})
 	if err != nil {
 		return manifestInfo{}, err
 	}
 	q.setCache(how)
-	return manifestInfo{Manifest: m}, nil
+	return m, nil
 }
 
-// manifestFor returns a manifest of an upstream repository by digest: from
-// cache ("hit"), or fetched once for all concurrent callers ("miss",
-// "coalesced").
-func (s *Server) manifestFor(ctx context.Context, up *upstreamState, repo string, d digest.Digest) (cache.Manifest, string, error) {
-	m, err := s.store.GetManifest(ctx, d)
-	if err == nil {
-		return m, "hit", nil
+// getOptions say how a manifest is wanted.
+type getOptions struct {
+	// head: a manifest not stored is only HEADed upstream, not fetched.
+	head bool
+	// confirmed: the upstream has just said the repository holds it (a
+	// HEAD by tag named it), so stored bytes from this upstream need no
+	// second HEAD.
+	confirmed bool
+	// abandonable: stop fetching when no client waits any more (referrer
+	// candidates), instead of finishing the fill for later requests.
+	abandonable bool
+	// noFetch: answer errNotHeld rather than call the upstream.
+	noFetch bool
+}
+
+// errNotHeld: the repository does not hold the manifest without asking
+// the upstream.
+var errNotHeld = errors.New("not held without asking the upstream")
+
+// getManifest returns manifest d of an upstream repository. From the store
+// when the repository holds it ("hit"); when the bytes came from this
+// upstream for another repository, after one upstream HEAD confirms that
+// this one holds it too ("revalidated"); else fetched once for all
+// concurrent callers, checked, stored and linked ("miss", "coalesced").
+// Bytes stored from another upstream or pushed to a hosted repository are
+// never served on the strength of a HEAD: the upstream must deliver them.
+func (u *upstreamState) getManifest(ctx context.Context, repo string, d digest.Digest, o getOptions) (manifestInfo, string, error) {
+	s := u.s
+	k := cache.RepoKey{Upstream: u.name, Repo: repo}
+	_, linked, err := s.store.Linked(ctx, k, cache.LinkManifest, d)
+	if err != nil {
+		return manifestInfo{}, "", err
 	}
-	if !errors.Is(err, cache.ErrNotFound) {
-		return cache.Manifest{}, "", err
+	if linked || o.confirmed {
+		m, err := s.store.GetManifest(ctx, d)
+		switch {
+		case err == nil && linked:
+			return manifestInfo{Manifest: m}, "hit", nil
+		case err == nil:
+			if held, err := s.store.UpstreamHolds(ctx, u.name, cache.LinkManifest, d); err != nil {
+				return manifestInfo{}, "", err
+			} else if held {
+				return manifestInfo{Manifest: m}, "revalidated", s.linkManifest(ctx, k, m, cache.OriginUpstream)
+			}
+		case !errors.Is(err, cache.ErrNotFound):
+			return manifestInfo{}, "", err
+		}
+	} else if m, ok, err := u.confirmStored(ctx, repo, d); err != nil {
+		return manifestInfo{}, "", err
+	} else if ok {
+		return manifestInfo{Manifest: m}, "revalidated", nil
 	}
-	v, err, shared := s.flightDo(ctx, "m\x00"+d.String(), func(ctx context.Context) (any, error) {
-		return s.fetchManifest(ctx, up, repo, d.String(), d)
+	switch {
+	case o.noFetch:
+		return manifestInfo{}, "", errNotHeld
+	case o.head:
+		m, err := u.headManifest(ctx, repo, d)
+		return m, "miss", err
+	}
+	fetch := s.flightDo
+	if o.abandonable {
+		fetch = s.flightAbandonable
+	}
+	v, err, shared := fetch(ctx, "m\x00"+u.name+"\x00"+repo+"\x00"+d.String(), func(ctx context.Context) (any, error) {
+		return u.fetchManifest(ctx, repo, d.String(), d)
 	})
 	if err != nil {
-		return cache.Manifest{}, "", err
+		return manifestInfo{}, "", err
 	}
-	return v.(cache.Manifest), missOrCoalesced(shared), nil
+	return manifestInfo{Manifest: v.(cache.Manifest)}, missOrCoalesced(shared), nil
+}
+
+// confirmStored asks the upstream, with one HEAD, whether repo holds a
+// manifest whose bytes this upstream delivered for another repository;
+// then it is linked and served from the store. ok is false when the bytes
+// are not stored from this upstream (they must be fetched).
+func (u *upstreamState) confirmStored(ctx context.Context, repo string, d digest.Digest) (cache.Manifest, bool, error) {
+	s := u.s
+	held, err := s.store.UpstreamHolds(ctx, u.name, cache.LinkManifest, d)
+	if err != nil || !held {
+		return cache.Manifest{}, false, err
+	}
+	m, err := s.store.GetManifest(ctx, d)
+	if errors.Is(err, cache.ErrNotFound) {
+		return cache.Manifest{}, false, nil
+	} else if err != nil {
+		return cache.Manifest{}, false, err
+	}
+	if err := u.confirm(ctx, repo, cache.LinkManifest, d, int64(len(m.Data))); err != nil {
+		return cache.Manifest{}, false, err
+	}
+	return m, true, nil
+}
+
+// confirm asks the upstream with a HEAD whether repo holds d, and links it
+// when it does. Concurrent confirmations share the HEAD.
+func (u *upstreamState) confirm(ctx context.Context, repo string, kind cache.LinkKind, d digest.Digest, size int64) error {
+	key := "c\x00" + string(kind) + "\x00" + u.name + "\x00" + repo + "\x00" + d.String()
+	_, err, _ := u.s.flightDo(ctx, key, func(ctx context.Context) (any, error) {
+		var resp *http.Response
+		var err error
+		if kind == cache.LinkBlob {
+			resp, err = u.client.Blob(ctx, http.MethodHead, repo, d, 0, 0)
+		} else {
+			resp, err = u.client.Manifest(ctx, http.MethodHead, repo, d.String())
+		}
+		if err != nil {
+			return nil, err
+		}
+		resp.Body.Close()
+		if got := resp.Header.Get(HeaderContentDigest); got != "" && got != d.String() {
+			return nil, fmt.Errorf("%w: HEAD %s answered digest %s", upstream.ErrInvalidResponse, d, got)
+		}
+		if resp.StatusCode != http.StatusOK || resp.ContentLength >= 0 && resp.ContentLength != size {
+			return nil, fmt.Errorf("%w: HEAD %s answered %d with length %d, stored %d", upstream.ErrInvalidResponse, d, resp.StatusCode, resp.ContentLength, size)
+		}
+		k := cache.RepoKey{Upstream: u.name, Repo: repo}
+		if kind == cache.LinkManifest {
+			m, err := u.s.store.GetManifest(ctx, d)
+			if err != nil {
+				return nil, err
+			}
+			return nil, u.s.linkManifest(ctx, k, m, cache.OriginUpstream)
+		}
+		return nil, u.s.store.Link(ctx, k, kind, d, cache.OriginUpstream)
+	})
+	return err
 }
 
 // headManifest checks a manifest digest upstream without fetching it.
-func (s *Server) headManifest(ctx context.Context, q *request, d digest.Digest) (manifestInfo, error) {
-	ctx, cancel := context.WithTimeout(ctx, upstreamFetchTimeout)
+func (u *upstreamState) headManifest(ctx context.Context, repo string, d digest.Digest) (manifestInfo, error) {
+	hctx, cancel := context.WithTimeout(ctx, upstreamFetchTimeout)
 	defer cancel()
-	resp, err := q.up.client.Manifest(ctx, http.MethodHead, q.repo, d.String())
+	resp, err := u.client.Manifest(hctx, http.MethodHead, repo, d.String())
 	if err != nil {
 		return manifestInfo{}, err
 	}
@@ -146,18 +224,24 @@ func (s *Server) headManifest(ctx context.Context, q *request, d digest.Digest) 
 	if got := resp.Header.Get(HeaderContentDigest); got != "" && got != d.String() {
 		return manifestInfo{}, fmt.Errorf("%w: HEAD %s answered digest %s", upstream.ErrInvalidResponse, d, got)
 	}
-	mt := contentType(resp.Header.Get("Content-Type"), nil)
+	mt := manifest.MediaType(resp.Header.Get("Content-Type"))
 	if mt == "" || resp.ContentLength < 0 {
-		// Without type and length the answer cannot be given; fetch it.
-		return s.manifestByDigest(ctx, q, d, false)
+		// Without a manifest type and a length the answer cannot be given; fetch it.
+		m, _, err := u.getManifest(ctx, repo, d, getOptions{})
+		return m, err
 	}
 	return manifestInfo{Manifest: cache.Manifest{Digest: d, MediaType: mt}, headSize: resp.ContentLength}, nil
 }
 
-// fetchManifest GETs a manifest by tag or digest, verifies it against want
-// (when a digest) or the upstream's digest header, and stores it.
-func (s *Server) fetchManifest(ctx context.Context, up *upstreamState, repo, ref string, want digest.Digest) (cache.Manifest, error) {
-	resp, err := up.client.Manifest(ctx, http.MethodGet, repo, ref)
+// fetchManifest GETs a manifest by tag or digest and stores it only when
+// it is what a registry must send: bytes that hash to want (when a
+// digest) or to the upstream's digest header, a Content-Type that is a
+// manifest media type, and a body that parses as that kind of manifest.
+// Anything else (a captive portal's page, a proxy's error) is an upstream
+// failure, answered as a 5xx would be. The manifest is linked to the
+// repository and indexed under its subject.
+func (u *upstreamState) fetchManifest(ctx context.Context, repo, ref string, want digest.Digest) (cache.Manifest, error) {
+	resp, err := u.client.Manifest(ctx, http.MethodGet, repo, ref)
 	if err != nil {
 		return cache.Manifest{}, err
 	}
@@ -176,124 +260,212 @@ func (s *Server) fetchManifest(ctx context.Context, up *upstreamState, repo, ref
 		}
 	}
 	if got := want.Algorithm().FromBytes(data); got != want {
-		return cache.Manifest{}, fmt.Errorf("%w: manifest %s of %s/%s hashes to %s", errDigestMismatch, ref, up.name, repo, got)
+		return cache.Manifest{}, fmt.Errorf("%w: manifest %s of %s/%s hashes to %s", errDigestMismatch, ref, u.name, repo, got)
 	}
-	mt := contentType(resp.Header.Get("Content-Type"), data)
+	ct := resp.Header.Get("Content-Type")
+	mt := manifest.MediaType(ct)
 	if mt == "" {
-		return cache.Manifest{}, fmt.Errorf("%w: manifest %s of %s/%s has no media type", upstream.ErrInvalidResponse, ref, up.name, repo)
+		return cache.Manifest{}, fmt.Errorf("%w: %w: manifest %s of %s/%s came as %q, not a manifest media type", upstream.ErrInvalidResponse, errNotManifest, ref, u.name, repo, ct)
+	}
+	if _, err := manifest.Parse(mt, data); err != nil {
+		return cache.Manifest{}, fmt.Errorf("%w: %w: manifest %s of %s/%s: %v", upstream.ErrInvalidResponse, errNotManifest, ref, u.name, repo, err)
 	}
 	m := cache.Manifest{Digest: want, MediaType: mt, Data: data}
-	if err := s.store.PutManifest(ctx, m); err != nil {
+	if err := u.s.storeManifest(ctx, cache.RepoKey{Upstream: u.name, Repo: repo}, m, cache.OriginUpstream); err != nil {
 		return cache.Manifest{}, err
 	}
-	s.observe(ctx, up.name, repo, m)
 	return m, nil
 }
 
-// resolveTag returns what the request's tag points at and records how it
-// was answered.
-func (s *Server) resolveTag(ctx context.Context, q *request, head bool) (cache.TagEntry, error) {
-	key := cache.TagKey{Upstream: q.up.name, Repo: q.repo, Tag: q.ref}
-	if q.up.hosted {
-		e, err := s.store.GetTag(ctx, key)
-		if errors.Is(err, cache.ErrNotFound) {
-			return e, ErrManifestUnknown(map[string]string{"name": q.name, "reference": q.ref})
-		}
-		return e, err
+// storeManifest stores a checked manifest and links it to its repository.
+func (s *Server) storeManifest(ctx context.Context, k cache.RepoKey, m cache.Manifest, origin cache.LinkOrigin) error {
+	if err := s.store.PutManifest(ctx, m); err != nil {
+		return err
 	}
-	e, how, err := s.resolveTagEntry(ctx, q.up, key, head)
-	q.setCache(how)
-	return e, err
+	return s.linkManifest(ctx, k, m, origin)
 }
 
-// resolveTagEntry returns what an upstream tag points at: from cache within
-// its TTL, else revalidated upstream
-// with HEAD (GET for a tag never seen by a GET), else, when the upstream
-// fails transiently, the last known answer.
-func (s *Server) resolveTagEntry(ctx context.Context, up *upstreamState, key cache.TagKey, head bool) (cache.TagEntry, string, error) {
+// linkManifest links a stored manifest to a repository and indexes it
+// under its subject there: every manifest a repository comes to hold, by
+// a fetch, a push or a confirmation, passes here.
+func (s *Server) linkManifest(ctx context.Context, k cache.RepoKey, m cache.Manifest, origin cache.LinkOrigin) error {
+	if err := s.store.Link(ctx, k, cache.LinkManifest, m.Digest, origin); err != nil {
+		return err
+	}
+	desc, subject, err := referrers.Describe(m.Digest, m.MediaType, m.Data)
+	if err != nil || subject == nil {
+		return nil
+	}
+	return s.store.PutReferrer(ctx, cache.ReferrerKey{Upstream: k.Upstream, Repo: k.Repo, Subject: subject.Digest}, desc)
+}
+
+// tag implements source: the tag from cache within its TTL, else
+// revalidated upstream, else, when the upstream fails, the last known
+// answer.
+func (u *upstreamState) tag(ctx context.Context, q *request, head bool) (cache.TagEntry, bool, error) {
+	r, how, err := u.resolveTag(ctx, q.tagKey(), head)
+	q.setCache(how)
+	return r.entry, r.held, err
+}
+
+type tagResult struct {
+	entry cache.TagEntry
+	// held: the tag's manifest is stored and linked (else the entry comes
+	// from an upstream HEAD alone).
+	held bool
+	// revalidated: the upstream confirmed the cached digest.
+	revalidated bool
+}
+
+// resolveTag returns what an upstream tag points at and how it was
+// answered: from cache within its TTL ("hit"); else revalidated upstream
+// with HEAD, or a GET for a tag never seen ("revalidated", "miss",
+// "coalesced"); else, when the upstream fails transiently, the last known
+// answer ("stale").
+//
+// The stored tag moves only to a manifest that is checked, stored and
+// linked: a failure half way leaves the last good answer in place. A HEAD
+// does not fetch: when it names a manifest not held, that digest is kept
+// as the tag's pending answer, and the tag moves to it once the manifest
+// is held (containerd HEADs the tag, then GETs the manifest by digest: its
+// second pull costs the upstream nothing).
+func (u *upstreamState) resolveTag(ctx context.Context, key cache.TagKey, head bool) (tagResult, string, error) {
+	s := u.s
 	old, err := s.store.GetTag(ctx, key)
-	known := err == nil
+	found := err == nil
 	if err != nil && !errors.Is(err, cache.ErrNotFound) {
-		return cache.TagEntry{}, "", err
+		return tagResult{}, "", err
 	}
-	if known && s.now().Sub(old.CheckedAt) < up.tagTTL {
-		return old, "hit", nil
+	good := found && old.Digest != "" // a last good answer to fall back on
+	fresh := found && s.now().Sub(old.CheckedAt) < u.tagTTL
+	if fresh && old.Pending == "" {
+		return tagResult{entry: old, held: true}, "hit", nil
 	}
-	v, err, shared := s.flightDo(ctx, "t\x00"+key.Upstream+"\x00"+key.Repo+"\x00"+key.Tag, func(ctx context.Context) (any, error) {
-		return s.revalidateTag(ctx, up, key, old, known, head)
+	if fresh {
+		// The upstream named a digest not held then; perhaps it is now.
+		if m, _, err := u.getManifest(ctx, key.Repo, old.Pending, getOptions{confirmed: true, noFetch: true}); err == nil {
+			r, err := u.moveTag(ctx, key, m.Manifest)
+			return r, "hit", err
+		}
+		if head {
+			return tagResult{entry: pendingEntry(old)}, "hit", nil
+		}
+	}
+	mode := "g"
+	if head {
+		mode = "h"
+	}
+	v, err, shared := s.flightDo(ctx, "t\x00"+mode+"\x00"+key.Upstream+"\x00"+key.Repo+"\x00"+key.Tag, func(ctx context.Context) (any, error) {
+		return u.revalidateTag(ctx, key, old, found, fresh, head)
 	})
 	if err != nil {
-		if known && upstream.Transient(err) {
-			s.log.Warn("upstream failed; serving last known tag", "upstream", up.name, "repo", key.Repo, "tag", key.Tag,
+		if good && upstream.Transient(err) {
+			s.log.Warn("upstream failed; serving last known tag", "upstream", u.name, "repo", key.Repo, "tag", key.Tag,
 				"digest", old.Digest, "err", err)
-			return old, "stale", nil
+			return tagResult{entry: goodEntry(old), held: true}, "stale", nil
 		}
-		if errors.Is(err, upstream.ErrNotFound) && known {
+		if found && errors.Is(err, errTagGone) {
 			_ = s.store.DeleteTag(ctx, key)
 		}
-		return cache.TagEntry{}, "", err
+		return tagResult{}, "", err
 	}
 	r := v.(tagResult)
 	switch {
 	case shared:
-		return r.entry, "coalesced", nil
+		return r, "coalesced", nil
 	case r.revalidated:
-		return r.entry, "revalidated", nil
+		return r, "revalidated", nil
 	}
-	return r.entry, "miss", nil
+	return r, "miss", nil
 }
 
-type tagResult struct {
-	entry       cache.TagEntry
-	revalidated bool // the upstream confirmed the cached digest
+// goodEntry is the held part of a tag entry; pendingEntry, the pending one.
+func goodEntry(e cache.TagEntry) cache.TagEntry {
+	return cache.TagEntry{Digest: e.Digest, MediaType: e.MediaType, Size: e.Size, CheckedAt: e.CheckedAt}
 }
 
-func (s *Server) revalidateTag(ctx context.Context, up *upstreamState, key cache.TagKey, old cache.TagEntry, known, head bool) (tagResult, error) {
-	if known || head {
-		resp, err := up.client.Manifest(ctx, http.MethodHead, key.Repo, key.Tag)
+func pendingEntry(e cache.TagEntry) cache.TagEntry {
+	return cache.TagEntry{Digest: e.Pending, MediaType: e.PendingType, Size: e.PendingSize, CheckedAt: e.CheckedAt}
+}
+
+// errTagGone marks the upstream's 404 for a tag itself (not for the
+// manifest it names): only then is the cached tag forgotten.
+var errTagGone = errors.New("tag not found upstream")
+
+// revalidateTag asks the upstream what a tag points at (a HEAD; a GET for
+// a tag never seen by a GET), unless a fresh pending digest says already,
+// and moves the tag once that manifest is held.
+func (u *upstreamState) revalidateTag(ctx context.Context, key cache.TagKey, old cache.TagEntry, found, fresh, head bool) (tagResult, error) {
+	s := u.s
+	good := found && old.Digest != ""
+	var (
+		d    digest.Digest
+		mt   string
+		size = int64(-1)
+	)
+	switch {
+	case fresh:
+		d, mt, size = old.Pending, old.PendingType, old.PendingSize
+	case good || head || found:
+		resp, err := u.client.Manifest(ctx, http.MethodHead, key.Repo, key.Tag)
 		if err != nil {
-			return tagResult{}, err
+			return tagResult{}, tagError(err)
 		}
 		resp.Body.Close()
-		d, derr := parseDigest(resp.Header.Get(HeaderContentDigest))
-		mt := contentType(resp.Header.Get("Content-Type"), nil)
-		switch {
-		case derr == nil && known && d == old.Digest:
-			old.CheckedAt = s.now()
-			return tagResult{entry: old, revalidated: true}, s.store.PutTag(ctx, key, old)
-		case derr == nil && mt != "" && resp.ContentLength >= 0:
-			e := cache.TagEntry{Digest: d, MediaType: mt, Size: resp.ContentLength, CheckedAt: s.now()}
-			return tagResult{entry: e}, s.store.PutTag(ctx, key, e)
+		if hd, err := parseDigest(resp.Header.Get(HeaderContentDigest)); err == nil {
+			d, mt, size = hd, manifest.MediaType(resp.Header.Get("Content-Type")), resp.ContentLength
 		}
-		// No usable digest header: fall through to a GET.
+		if good && d == old.Digest {
+			e := goodEntry(old)
+			e.CheckedAt = s.now()
+			return tagResult{entry: e, held: true, revalidated: true}, s.store.PutTag(ctx, key, e)
+		}
 	}
-	m, err := s.fetchManifest(ctx, up, key.Repo, key.Tag, "")
+	if d == "" {
+		// No usable digest header: GET by tag.
+		m, err := u.fetchManifest(ctx, key.Repo, key.Tag, "")
+		if err != nil {
+			return tagResult{}, tagError(err)
+		}
+		return u.moveTag(ctx, key, m)
+	}
+	if m, _, err := u.getManifest(ctx, key.Repo, d, getOptions{confirmed: true, noFetch: true}); err == nil {
+		return u.moveTag(ctx, key, m.Manifest)
+	}
+	if head && mt != "" && size >= 0 {
+		// Not held, and a HEAD does not fetch: the upstream's answer is
+		// the answer, kept as pending beside the last good one.
+		e := goodEntry(old)
+		e.CheckedAt, e.Pending, e.PendingType, e.PendingSize = s.now(), d, mt, size
+		if !good {
+			e.Digest, e.MediaType, e.Size = "", "", 0
+		}
+		return tagResult{entry: pendingEntry(e)}, s.store.PutTag(ctx, key, e)
+	}
+	m, _, err := u.getManifest(ctx, key.Repo, d, getOptions{confirmed: true})
 	if err != nil {
+		if good {
+			// The tag was seen to move but its manifest cannot be had:
+			// the upstream is failing, and the last good answer stands.
+			return tagResult{}, fmt.Errorf("%w: tag %s names %s: %w", upstream.ErrUnavailable, key.Tag, d, err)
+		}
 		return tagResult{}, err
 	}
-	e := cache.TagEntry{Digest: m.Digest, MediaType: m.MediaType, Size: int64(len(m.Data)), CheckedAt: s.now()}
-	return tagResult{entry: e}, s.store.PutTag(ctx, key, e)
+	return u.moveTag(ctx, key, m.Manifest)
 }
 
-// flightDo runs fn once for concurrent callers of key, detached from the
-// caller: a client that hangs up neither cancels the fetch nor loses it for
-// the others. The caller stops waiting when its own context ends.
-func (s *Server) flightDo(ctx context.Context, key string, fn func(context.Context) (any, error)) (any, error, bool) {
-	ran := false // written by the flight before its result is sent
-	ch := s.flight.DoChan(key, func() (any, error) {
-		ran = true
-		s.work.Add(1)
-		defer s.work.Done()
-		fctx, cancel := s.detached(ctx, upstreamFetchTimeout)
-		defer cancel()
-		return fn(fctx)
-	})
-	select {
-	case r := <-ch:
-		return r.Val, r.Err, !ran
-	case <-ctx.Done():
-		return nil, ctx.Err(), false
+// tagError marks an upstream 404 for the tag itself.
+func tagError(err error) error {
+	if errors.Is(err, upstream.ErrNotFound) {
+		return fmt.Errorf("%w: %w", errTagGone, err)
 	}
+	return err
+}
+
+// moveTag points a tag at a stored, linked manifest.
+func (u *upstreamState) moveTag(ctx context.Context, key cache.TagKey, m cache.Manifest) (tagResult, error) {
+	e := cache.TagEntry{Digest: m.Digest, MediaType: m.MediaType, Size: int64(len(m.Data)), CheckedAt: u.s.now()}
+	return tagResult{entry: e, held: true}, u.s.store.PutTag(ctx, key, e)
 }
 
 func (q *request) setCache(v string) {
@@ -309,43 +481,20 @@ func missOrCoalesced(shared bool) string {
 	return "miss"
 }
 
-// contentType is a manifest's media type: the upstream's Content-Type
-// without parameters, or, when that is missing or generic, the body's
-// mediaType field, or its shape.
-func contentType(header string, body []byte) string {
-	if header != "" {
-		if mt, _, err := mime.ParseMediaType(header); err == nil {
-			switch mt {
-			case "application/octet-stream", "text/plain", "application/json", "binary/octet-stream":
-			default:
-				return mt
-			}
+// pushedMediaType is a pushed manifest's media type: its Content-Type
+// without parameters, else its mediaType field, else its shape.
+func pushedMediaType(contentType string, data []byte) (string, error) {
+	if contentType != "" {
+		mt := manifest.MediaType(contentType)
+		if mt == "" {
+			return "", &Error{Code: CodeManifestInvalid, Message: "Content-Type is not a manifest media type", Detail: map[string]string{"contentType": contentType}}
 		}
+		return mt, nil
 	}
-	if body == nil {
-		return ""
+	if mt := manifest.Infer(data); mt != "" {
+		return mt, nil
 	}
-	var probe struct {
-		MediaType string          `json:"mediaType"`
-		Manifests json.RawMessage `json:"manifests"`
-		Config    json.RawMessage `json:"config"`
-	}
-	if json.Unmarshal(body, &probe) != nil {
-		return ""
-	}
-	switch {
-	case probe.MediaType != "":
-		// It becomes a Content-Type header: it must be a media type.
-		if mt, _, err := mime.ParseMediaType(probe.MediaType); err == nil && mt == probe.MediaType {
-			return mt
-		}
-		return ""
-	case probe.Manifests != nil:
-		return v1.MediaTypeImageIndex
-	case probe.Config != nil:
-		return v1.MediaTypeImageManifest
-	}
-	return ""
+	return "", &Error{Code: CodeManifestInvalid, Message: "manifest has no media type"}
 }
 
 // accepts reports whether a client's Accept headers admit media type mt.

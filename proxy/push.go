@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
-	"mime"
 	"net/http"
 	"strings"
 
@@ -14,6 +13,7 @@ import (
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/ocimirror/ocimirror/cache"
+	"github.com/ocimirror/ocimirror/manifest"
 	"github.com/ocimirror/ocimirror/referrers"
 	"github.com/ocimirror/ocimirror/upstream"
 )
@@ -23,24 +23,19 @@ const (
 	HeaderTag = "OCI-Tag"
 )
 
-// maxManifest is the largest manifest accepted, as the spec allows
-// registries to require.
-const maxManifest = 4 << 20
-
-// pushedManifest is what a manifest PUT needs to know of the body.
-type pushedManifest struct {
-	MediaType string          `json:"mediaType"`
-	Config    *v1.Descriptor  `json:"config"`
-	Layers    []v1.Descriptor `json:"layers"`
-	Manifests []v1.Descriptor `json:"manifests"`
-	Subject   *v1.Descriptor  `json:"subject"`
+// pushed is a manifest PUT, checked and about to be stored.
+type pushed struct {
+	cache.Manifest
+	manifest *manifest.Manifest
+	// tags are the tags the PUT sets: its reference when a tag, its ?tag=
+	// parameters when a digest.
+	tags []string
 }
 
 // putManifest serves PUT /v2/<name>/manifests/<reference>. The bytes are
-// stored exactly as sent. In a hosted repository every referenced blob and
-// manifest must be there; with push: forward the upstream takes the
-// manifest first, and when it has no referrers API ocimirror updates its
-// fallback tag index as a client would.
+// checked as any manifest from an upstream is, and stored exactly as sent;
+// the source decides what else must hold (a hosted repository has every
+// blob it names; a proxied one forwards or refuses tags).
 func (s *Server) putManifest(w http.ResponseWriter, r *http.Request, q *request) error {
 	if err := q.parseReference(mux.Vars(r)["reference"]); err != nil {
 		return err
@@ -50,34 +45,28 @@ func (s *Server) putManifest(w http.ResponseWriter, r *http.Request, q *request)
 	if err != nil {
 		return err
 	}
-	if len(tags) > 0 && !q.up.hosted && !q.up.forward {
-		return errProxiedTag
+	if len(tags) > 0 {
+		if err := q.src.acceptsTags(); err != nil {
+			return err
+		}
 	}
-	data, err := io.ReadAll(io.LimitReader(r.Body, maxManifest+1))
+	data, err := io.ReadAll(io.LimitReader(newIdleReader(w, r.Body), manifest.MaxSize+1))
 	if err != nil {
 		return err
 	}
-	if len(data) > maxManifest {
+	if len(data) > manifest.MaxSize {
 		return &Error{Code: CodeManifestInvalid, Status: http.StatusRequestEntityTooLarge, Message: "manifest larger than 4 MiB"}
 	}
-	var m pushedManifest
-	if err := json.Unmarshal(data, &m); err != nil {
-		return &Error{Code: CodeManifestInvalid, Message: "manifest is not JSON", Detail: map[string]string{"error": err.Error()}}
+	mt, err := pushedMediaType(r.Header.Get("Content-Type"), data)
+	if err != nil {
+		return err
 	}
-	mt := ""
-	if ct := r.Header.Get("Content-Type"); ct != "" {
-		if mt, _, err = mime.ParseMediaType(ct); err != nil {
-			return &Error{Code: CodeManifestInvalid, Message: "bad Content-Type", Detail: map[string]string{"contentType": ct}}
-		}
+	m, err := manifest.Parse(mt, data)
+	if err == nil {
+		err = m.Strict()
 	}
-	switch {
-	case mt == "":
-		if mt = contentType("", data); mt == "" {
-			return &Error{Code: CodeManifestInvalid, Message: "manifest has no media type"}
-		}
-	case m.MediaType != "" && m.MediaType != mt:
-		return &Error{Code: CodeManifestInvalid, Message: "Content-Type differs from the manifest's mediaType",
-			Detail: map[string]string{"contentType": mt, "mediaType": m.MediaType}}
+	if err != nil {
+		return &Error{Code: CodeManifestInvalid, Message: "not a manifest of its media type", Detail: map[string]string{"mediaType": mt, "error": err.Error()}}
 	}
 	d := q.dgst
 	if d == "" {
@@ -85,34 +74,21 @@ func (s *Server) putManifest(w http.ResponseWriter, r *http.Request, q *request)
 	} else if got := d.Algorithm().FromBytes(data); got != d {
 		return &Error{Code: CodeDigestInvalid, Detail: map[string]string{"digest": d.String(), "received": got.String()}}
 	}
-	if q.up.hosted {
-		if err := s.checkReferences(ctx, q.repo, m); err != nil {
-			return err
-		}
-	}
-	if q.up.forward {
-		if err := s.forwardManifest(ctx, q, d, mt, data, m.Subject, tags); err != nil {
-			return err
-		}
-	}
-	man := cache.Manifest{Digest: d, MediaType: mt, Data: data}
-	if err := s.store.PutManifest(ctx, man); err != nil {
+	p := &pushed{Manifest: cache.Manifest{Digest: d, MediaType: mt, Data: data}, manifest: m, tags: tags}
+	if err := q.src.pushManifest(ctx, q, p); err != nil {
 		return err
 	}
-	if q.up.hosted {
-		if err := s.store.Link(ctx, q.repo, cache.LinkManifest, d); err != nil {
-			return err
-		}
+	if err := s.storeManifest(ctx, q.key(), p.Manifest, cache.OriginPushed); err != nil {
+		return err
 	}
-	s.observe(ctx, q.up.name, q.repo, man)
 	for _, tag := range tags {
 		e := cache.TagEntry{Digest: d, MediaType: mt, Size: int64(len(data)), CheckedAt: s.now()}
-		if err := s.store.PutTag(ctx, cache.TagKey{Upstream: q.up.name, Repo: q.repo, Tag: tag}, e); err != nil {
+		if err := s.store.PutTag(ctx, cache.TagKey{Upstream: q.src.storeName(), Repo: q.repo, Tag: tag}, e); err != nil {
 			return err
 		}
 	}
 	if len(tags) > 0 {
-		s.tagLists.Remove(q.up.name + "\x00" + q.repo)
+		s.tagLists.Remove(q.src.storeName() + "\x00" + q.repo)
 	}
 	h := w.Header()
 	loc := q.clientPath() + "/manifests/" + d.String()
@@ -156,12 +132,12 @@ func tagParams(r *http.Request, q *request) ([]string, error) {
 // names a blob or manifest its repository lacks. Non-distributable layers
 // (and descriptors with urls) live elsewhere and are not checked; nor is
 // the subject, which may come later.
-func (s *Server) checkReferences(ctx context.Context, repo string, m pushedManifest) error {
+func (s *Server) checkReferences(ctx context.Context, k cache.RepoKey, m *manifest.Manifest) error {
 	check := func(kind cache.LinkKind, d v1.Descriptor) error {
 		if strings.Contains(d.MediaType, ".nondistributable.") || len(d.URLs) > 0 {
 			return nil
 		}
-		ok, err := s.store.Linked(ctx, repo, kind, d.Digest)
+		_, ok, err := s.store.Linked(ctx, k, kind, d.Digest)
 		if err != nil {
 			return err
 		}
@@ -188,18 +164,22 @@ func (s *Server) checkReferences(ctx context.Context, repo string, m pushedManif
 	return nil
 }
 
-// forwardManifest writes a pushed manifest to the upstream (and each tag
-// parameter as a PUT by tag). An upstream without the referrers API does
-// not answer OCI-Subject; then the subject's fallback tag index there gets
-// the new manifest, as the spec asks of a client.
-func (s *Server) forwardManifest(ctx context.Context, q *request, d digest.Digest, mt string, data []byte, subject *v1.Descriptor, tags []string) error {
+// pushManifest implements source. Without push: forward a proxied
+// repository keeps pushes by digest locally and refuses tags; with it, the
+// upstream takes the manifest (and each tag) first, and when it has no
+// referrers API (no OCI-Subject in its answer) ocimirror updates its
+// fallback tag index, as the spec asks of a client.
+func (u *upstreamState) pushManifest(ctx context.Context, q *request, p *pushed) error {
+	if !u.forward {
+		return nil
+	}
 	refs := []string{q.ref}
 	if q.dgst != "" {
-		refs = append(refs, tags...)
+		refs = append(refs, p.tags...)
 	}
 	var hdr http.Header
 	for _, ref := range refs {
-		h, err := q.up.client.PutManifest(ctx, q.repo, ref, mt, data)
+		h, err := u.client.PutManifest(ctx, q.repo, ref, p.MediaType, p.Data)
 		if err != nil {
 			return err
 		}
@@ -207,25 +187,85 @@ func (s *Server) forwardManifest(ctx context.Context, q *request, d digest.Diges
 			hdr = h
 		}
 	}
-	if subject == nil || hdr.Get(HeaderSubject) != "" {
+	subject := p.manifest.Subject
+	if subject == nil || !manifest.Referrer(p.MediaType) || hdr.Get(HeaderSubject) != "" {
 		return nil
 	}
-	desc, _, err := referrers.Describe(d, mt, data)
-	if err != nil {
+	desc := p.manifest.Descriptor(p.Digest, int64(len(p.Data)))
+	return u.updateFallbackIndex(ctx, q.repo, subject.Digest, &desc, "")
+}
+
+// acceptsTags implements source: without push: forward, the tags of a
+// proxied repository are the upstream's alone.
+func (u *upstreamState) acceptsTags() error {
+	if !u.forward {
+		return errProxiedTag
+	}
+	return nil
+}
+
+// pushBlob implements source: a forwarding upstream gets the blob first.
+func (u *upstreamState) pushBlob(ctx context.Context, q *request, d digest.Digest, size int64) error {
+	if !u.forward {
+		return nil
+	}
+	return u.client.PushBlob(ctx, q.repo, d, size, func() io.Reader {
+		rd, err := u.s.store.OpenBlob(ctx, d)
+		if err != nil {
+			return errReader{err}
+		}
+		return io.NewSectionReader(rd, 0, size)
+	})
+}
+
+// deleteTag implements source: tags of a proxied repository are the
+// upstream's, deleted there when pushes are forwarded.
+func (u *upstreamState) deleteTag(ctx context.Context, q *request) error {
+	if !u.forward {
+		return errProxiedDelete
+	}
+	return u.client.Delete(ctx, q.repo, "manifests/"+q.ref)
+}
+
+// deleteContent implements source. With push: forward the upstream
+// deletes first (and a referrer leaves its fallback index there).
+// Otherwise only what was pushed to ocimirror, and exists nowhere else,
+// can be deleted: a mistaken attachment can be taken back, the upstream's
+// content (or what ocimirror does not hold) cannot.
+func (u *upstreamState) deleteContent(ctx context.Context, q *request, kind cache.LinkKind, d digest.Digest, linked bool, origin cache.LinkOrigin) error {
+	if !u.forward {
+		if !linked || origin != cache.OriginPushed {
+			return errProxiedDelete
+		}
+		return nil
+	}
+	path := "blobs/" + d.String()
+	if kind == cache.LinkManifest {
+		path = "manifests/" + d.String()
+	}
+	subject := u.s.subjectOf(ctx, kind, d)
+	if err := u.client.Delete(ctx, q.repo, path); err != nil {
 		return err
 	}
-	return s.updateFallbackIndex(ctx, q, subject.Digest, &desc, "")
+	if subject != "" && u.s.refCaps.Get(capKey(u, q.repo), u.s.now()) != referrers.Supported {
+		if err := u.updateFallbackIndex(ctx, q.repo, subject, nil, d); err != nil {
+			u.s.log.Warn("removing a deleted referrer from the upstream fallback index", "err", err, "digest", d)
+		}
+	}
+	return nil
 }
 
 // updateFallbackIndex adds a descriptor to (or removes a digest from) the
 // upstream's fallback tag index of subject, and caches the new index as the
-// tag's current answer.
-func (s *Server) updateFallbackIndex(ctx context.Context, q *request, subject digest.Digest, add *v1.Descriptor, remove digest.Digest) error {
-	s.fallbackMu.Lock()
-	defer s.fallbackMu.Unlock()
+// tag's current answer. Updates of one index are serialized; other
+// subjects' go on meanwhile.
+func (u *upstreamState) updateFallbackIndex(ctx context.Context, repo string, subject digest.Digest, add *v1.Descriptor, remove digest.Digest) error {
+	s := u.s
 	tag := referrers.FallbackTag(subject)
+	unlock := s.fallbackLocks.lock(u.name + "\x00" + repo + "\x00" + tag)
+	defer unlock()
 	var idx v1.Index
-	resp, err := q.up.client.Manifest(ctx, http.MethodGet, q.repo, tag)
+	resp, err := u.client.Manifest(ctx, http.MethodGet, repo, tag)
 	switch {
 	case errors.Is(err, upstream.ErrNotFound):
 		idx.SchemaVersion, idx.MediaType = 2, v1.MediaTypeImageIndex
@@ -266,127 +306,114 @@ func (s *Server) updateFallbackIndex(ctx context.Context, q *request, subject di
 	if err != nil {
 		return err
 	}
-	if _, err := q.up.client.PutManifest(ctx, q.repo, tag, v1.MediaTypeImageIndex, data); err != nil {
+	if _, err := u.client.PutManifest(ctx, repo, tag, v1.MediaTypeImageIndex, data); err != nil {
 		return err
 	}
-	s.fallbackAbsent.Remove(cache.TagKey{Upstream: q.up.name, Repo: q.repo, Tag: tag})
-	nd := digest.SHA256.FromBytes(data)
-	if err := s.store.PutManifest(ctx, cache.Manifest{Digest: nd, MediaType: v1.MediaTypeImageIndex, Data: data}); err != nil {
+	k := cache.RepoKey{Upstream: u.name, Repo: repo}
+	tk := cache.TagKey{Upstream: u.name, Repo: repo, Tag: tag}
+	s.fallbackAbsent.Remove(tk)
+	m := cache.Manifest{Digest: digest.SHA256.FromBytes(data), MediaType: v1.MediaTypeImageIndex, Data: data}
+	if err := s.storeManifest(ctx, k, m, cache.OriginUpstream); err != nil {
 		return err
 	}
-	return s.store.PutTag(ctx, cache.TagKey{Upstream: q.up.name, Repo: q.repo, Tag: tag},
-		cache.TagEntry{Digest: nd, MediaType: v1.MediaTypeImageIndex, Size: int64(len(data)), CheckedAt: s.now()})
+	_, err = u.moveTag(ctx, tk, m)
+	return err
 }
 
 // deleteManifest serves DELETE /v2/<name>/manifests/<reference>: a tag, or
-// a manifest with every tag that points at it.
+// a manifest with every tag of the repository that points at it. Only the
+// repository's own link goes: other repositories holding the same bytes
+// keep them.
 func (s *Server) deleteManifest(w http.ResponseWriter, r *http.Request, q *request) error {
 	if err := q.parseReference(mux.Vars(r)["reference"]); err != nil {
 		return err
 	}
 	ctx := r.Context()
-	unknown := ErrManifestUnknown(map[string]string{"name": q.name, "reference": q.ref})
-	tagKey := cache.TagKey{Upstream: q.up.name, Repo: q.repo, Tag: q.ref}
-	switch {
-	case q.dgst == "":
-		e, err := s.store.GetTag(ctx, tagKey)
-		if errors.Is(err, cache.ErrNotFound) {
-			e, err = cache.TagEntry{}, nil
-		}
-		if err != nil {
+	if q.dgst == "" {
+		if err := q.src.deleteTag(ctx, q); err != nil {
 			return err
 		}
-		switch {
-		case q.up.forward:
-			if err := q.up.client.Delete(ctx, q.repo, "manifests/"+q.ref); err != nil {
-				return err
-			}
-		case !q.up.hosted:
-			return errProxiedDelete
-		case e.Digest == "":
-			return unknown
-		}
-		if err := s.store.DeleteTag(ctx, tagKey); err != nil {
+		if err := s.store.DeleteTag(ctx, q.tagKey()); err != nil {
 			return err
 		}
-	case q.up.hosted:
-		existed, err := s.store.Unlink(ctx, q.repo, cache.LinkManifest, q.dgst)
-		if err != nil {
-			return err
-		}
-		if !existed {
-			return unknown
-		}
-		if err := s.forgetManifest(ctx, q, q.dgst); err != nil {
-			return err
-		}
-	default:
-		if !q.up.forward {
-			return errProxiedDelete
-		}
-		subject := s.subjectOf(ctx, q.dgst)
-		if err := q.up.client.Delete(ctx, q.repo, "manifests/"+q.dgst.String()); err != nil {
-			return err
-		}
-		if subject != "" && s.refCaps.Get(capKey(q.up, q.repo), s.now()) != referrers.Supported {
-			if err := s.updateFallbackIndex(ctx, q, subject, nil, q.dgst); err != nil {
-				s.log.Warn("removing a deleted referrer from the upstream fallback index", "err", err, "digest", q.dgst)
-			}
-		}
-		if err := s.forgetManifest(ctx, q, q.dgst); err != nil {
-			return err
-		}
-		if err := s.store.DeleteManifest(ctx, q.dgst); err != nil {
-			return err
-		}
+	} else if err := s.deleteContent(ctx, q, cache.LinkManifest); err != nil {
+		return err
 	}
-	s.tagLists.Remove(q.up.name + "\x00" + q.repo)
+	s.tagLists.Remove(q.src.storeName() + "\x00" + q.repo)
 	w.Header().Set("Content-Length", "0")
 	w.WriteHeader(http.StatusAccepted)
 	return nil
 }
 
+// deleteBlob serves DELETE /v2/<name>/blobs/<digest>: the repository's
+// link goes; the bytes stay for whoever else links them.
+func (s *Server) deleteBlob(w http.ResponseWriter, r *http.Request, q *request) error {
+	if err := q.parseDigestVar(r); err != nil {
+		return err
+	}
+	if err := s.deleteContent(r.Context(), q, cache.LinkBlob); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Length", "0")
+	w.WriteHeader(http.StatusAccepted)
+	return nil
+}
+
+// deleteContent unlinks the request's digest from its repository, once
+// the source agrees, and forgets what pointed at a manifest there.
+func (s *Server) deleteContent(ctx context.Context, q *request, kind cache.LinkKind) error {
+	d := q.dgst
+	origin, linked, err := s.store.Linked(ctx, q.key(), kind, d)
+	if err != nil {
+		return err
+	}
+	if err := q.src.deleteContent(ctx, q, kind, d, linked, origin); err != nil {
+		return err
+	}
+	subject := s.subjectOf(ctx, kind, d)
+	if _, err := s.store.Unlink(ctx, q.key(), kind, d); err != nil {
+		return err
+	}
+	if kind == cache.LinkManifest {
+		return s.forgetManifest(ctx, q, d, subject)
+	}
+	return nil
+}
+
 // forgetManifest drops what points at a deleted manifest in a repository:
 // its tags and its entry in its subject's referrers.
-func (s *Server) forgetManifest(ctx context.Context, q *request, d digest.Digest) error {
-	tags, err := s.store.ListTags(ctx, q.up.name, q.repo)
+func (s *Server) forgetManifest(ctx context.Context, q *request, d, subject digest.Digest) error {
+	tags, err := s.store.ListTags(ctx, q.src.storeName(), q.repo)
 	if err != nil {
 		return err
 	}
 	for _, t := range tags {
 		if t.Digest == d {
-			if err := s.store.DeleteTag(ctx, cache.TagKey{Upstream: q.up.name, Repo: q.repo, Tag: t.Name}); err != nil {
+			if err := s.store.DeleteTag(ctx, cache.TagKey{Upstream: q.src.storeName(), Repo: q.repo, Tag: t.Name}); err != nil {
 				return err
 			}
 		}
 	}
-	if subject := s.subjectOf(ctx, d); subject != "" {
-		return s.store.DeleteReferrer(ctx, cache.ReferrerKey{Upstream: q.up.name, Repo: q.repo, Subject: subject}, d)
+	if subject != "" {
+		return s.store.DeleteReferrer(ctx, q.referrerKey(subject), d)
 	}
 	return nil
 }
 
-// subjectOf returns the subject of a stored manifest ("" when it has none
-// or is not stored).
-func (s *Server) subjectOf(ctx context.Context, d digest.Digest) digest.Digest {
+// subjectOf returns the subject of a stored manifest ("" when it has none,
+// is not stored, or d is a blob).
+func (s *Server) subjectOf(ctx context.Context, kind cache.LinkKind, d digest.Digest) digest.Digest {
+	if kind != cache.LinkManifest {
+		return ""
+	}
 	m, err := s.store.GetManifest(ctx, d)
 	if err != nil {
 		return ""
 	}
-	return referrers.Subject(m.Data)
+	return referrers.Subject(m.MediaType, m.Data)
 }
 
-// observe indexes a manifest under its subject, if it has one: every
-// manifest ocimirror caches or is pushed passes here.
-func (s *Server) observe(ctx context.Context, upstreamName, repo string, m cache.Manifest) {
-	desc, subject, err := referrers.Describe(m.Digest, m.MediaType, m.Data)
-	if err != nil || subject == nil {
-		return
-	}
-	k := cache.ReferrerKey{Upstream: upstreamName, Repo: repo, Subject: subject.Digest}
-	if err := s.store.PutReferrer(ctx, k, desc); err != nil {
-		s.log.Warn("indexing a referrer", "err", err, "digest", m.Digest, "subject", subject.Digest)
-	}
-}
+var errProxiedDelete = &Error{Code: CodeUnsupported,
+	Message: "content of a proxied repository is deleted upstream; set push: forward on the upstream to delete through ocimirror"}
 
 func capKey(up *upstreamState, repo string) string { return up.name + "\x00" + repo }

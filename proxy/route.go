@@ -7,6 +7,7 @@ import (
 	"github.com/gorilla/mux"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/config"
 )
 
@@ -17,7 +18,10 @@ const maxNameLength = 255
 // what the log line and the error mapping need to know.
 type request struct {
 	op string
-	up *upstreamState
+	// src is where the repository's content comes from; up is the same
+	// upstream, nil for a hosted repository.
+	src source
+	up  *upstreamState
 	// name is the repository as the client wrote it (after ?ns or a host
 	// prefix is taken off, before library/ is added); repo is the upstream's.
 	name string
@@ -34,6 +38,19 @@ type request struct {
 	cache string
 }
 
+// key names the request's repository in the store.
+func (q *request) key() cache.RepoKey { return cache.RepoKey{Upstream: q.src.storeName(), Repo: q.repo} }
+
+// tagKey names the request's tag in the store.
+func (q *request) tagKey() cache.TagKey {
+	return cache.TagKey{Upstream: q.src.storeName(), Repo: q.repo, Tag: q.ref}
+}
+
+// referrerKey names a subject's referrers in the request's repository.
+func (q *request) referrerKey(subject digest.Digest) cache.ReferrerKey {
+	return cache.ReferrerKey{Upstream: q.src.storeName(), Repo: q.repo, Subject: subject}
+}
+
 // clientPath is the /v2/ path a client would use for this repository, for
 // Link headers.
 func (q *request) clientPath() string {
@@ -47,36 +64,60 @@ func (q *request) clientPath() string {
 // everything before any storage access or upstream call.
 func (s *Server) resolve(r *http.Request, q *request, rawName string) error {
 	q.ns = r.URL.Query().Get("ns")
-	name := rawName
-	switch {
-	case q.ns != "":
-		q.up = s.upstreamByHost(q.ns)
-		if q.up == nil {
+	var up *upstreamState
+	if q.ns != "" {
+		if up = s.upstreamByHost(q.ns); up == nil {
 			return &Error{Code: CodeNameUnknown, Message: "registry not mirrored here", Detail: map[string]string{"ns": q.ns}}
 		}
+	}
+	src, name, prefix, err := s.route(rawName, up)
+	if err != nil {
+		return err
+	}
+	q.src, q.prefix, q.name = src, prefix, name
+	q.up, _ = src.(*upstreamState)
+	q.repo = s.upstreamRepo(q.up, name)
+	return nil
+}
+
+// route finds the source of a repository name as a client writes it:
+// ns's upstream when given (up), a hosted prefix, a configured host
+// prefix, else the default upstream. It returns the name without the host
+// prefix, and the prefix.
+func (s *Server) route(rawName string, up *upstreamState) (src source, name, prefix string, err error) {
+	name = rawName
+	switch {
+	case up != nil:
+		src = up
 	case s.isHosted(name):
-		q.up = s.hosted
+		src = s.hosted
 	default:
 		if host, rest, ok := strings.Cut(name, "/"); ok {
-			if up := s.upstreams[host]; up != nil {
-				q.up, q.prefix, name = up, host, rest
+			if u := s.upstreamByHost(host); u != nil && strings.EqualFold(host, u.name) {
+				up, prefix, name = u, host, rest
 			}
 		}
-		if q.up == nil {
-			q.up = s.defaultUpstream
+		if up == nil {
+			up = s.defaultUpstream
 		}
-		if q.up == nil {
-			return &Error{Code: CodeNameUnknown, Message: "no upstream for this name and no default upstream", Detail: map[string]string{"name": rawName}}
+		if up == nil {
+			return nil, "", "", &Error{Code: CodeNameUnknown, Message: "no upstream for this name and no default upstream", Detail: map[string]string{"name": rawName}}
 		}
+		src = up
 	}
 	if !validName(name) {
-		return ErrNameInvalid(map[string]string{"name": rawName})
+		return nil, "", "", ErrNameInvalid(map[string]string{"name": rawName})
 	}
-	q.name, q.repo = name, name
-	if q.up.dockerHub && !strings.Contains(name, "/") {
-		q.repo = "library/" + name
+	return src, name, prefix, nil
+}
+
+// upstreamRepo is the repository an upstream knows a name by: Docker
+// Hub's official images live under library/.
+func (s *Server) upstreamRepo(up *upstreamState, name string) string {
+	if up != nil && up.dockerHub && !strings.Contains(name, "/") {
+		return "library/" + name
 	}
-	return nil
+	return name
 }
 
 // isHosted reports whether a repository name falls under a hosted prefix.
@@ -89,13 +130,19 @@ func (s *Server) isHosted(name string) bool {
 	return false
 }
 
-// upstreamByHost finds the upstream a containerd ?ns= names; Docker Hub's
-// other host names count as docker.io.
+// upstreamByHost finds the upstream a containerd ?ns= or a host prefix
+// names. The domain part of a host compares case-insensitively (the
+// reference grammar allows upper case there); Docker Hub's other host
+// names count as docker.io.
 func (s *Server) upstreamByHost(host string) *upstreamState {
 	if up := s.upstreams[host]; up != nil {
 		return up
 	}
-	switch host {
+	h := strings.ToLower(host)
+	if up := s.upstreams[h]; up != nil {
+		return up
+	}
+	switch h {
 	case "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com":
 		return s.upstreams[config.DockerHub]
 	}
@@ -144,12 +191,12 @@ func parseDigest(s string) (digest.Digest, error) {
 		want = 128
 	default:
 		if !ok {
-			return "", ErrDigestInvalid(map[string]string{"digest": s, "reason": "want algorithm:hex"})
+			return "", errDigestMalformed(map[string]string{"digest": s, "reason": "want algorithm:hex"})
 		}
-		return "", ErrDigestInvalid(map[string]string{"digest": s, "reason": "algorithm must be sha256 or sha512"})
+		return "", errDigestMalformed(map[string]string{"digest": s, "reason": "algorithm must be sha256 or sha512"})
 	}
 	if len(hex) != want || strings.IndexFunc(hex, func(r rune) bool { return !(r >= '0' && r <= '9' || r >= 'a' && r <= 'f') }) >= 0 {
-		return "", ErrDigestInvalid(map[string]string{"digest": s})
+		return "", errDigestMalformed(map[string]string{"digest": s, "reason": "want lower-case hex of the algorithm's length"})
 	}
 	return digest.Digest(s), nil
 }

@@ -151,26 +151,26 @@ func TestAccepts(t *testing.T) {
 	}
 }
 
-func TestContentType(t *testing.T) {
+func TestPushedMediaType(t *testing.T) {
 	tests := []struct {
 		header, body, want string
 	}{
 		{"application/vnd.oci.image.index.v1+json", "", "application/vnd.oci.image.index.v1+json"},
 		{"application/vnd.oci.image.manifest.v1+json; charset=utf-8", "", "application/vnd.oci.image.manifest.v1+json"},
-		{"application/octet-stream", `{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}`, "application/vnd.docker.distribution.manifest.v2+json"},
+		{"", `{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}`, "application/vnd.docker.distribution.manifest.v2+json"},
 		{"", `{"schemaVersion":2,"manifests":[]}`, "application/vnd.oci.image.index.v1+json"},
-		{"text/plain", `{"schemaVersion":2,"config":{}}`, "application/vnd.oci.image.manifest.v1+json"},
+		{"", `{"schemaVersion":2,"config":{}}`, "application/vnd.oci.image.manifest.v1+json"},
+		// Not a manifest media type: refused, whatever the body says.
+		{"application/octet-stream", `{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}`, ""},
+		{"text/html", `{"schemaVersion":2,"config":{}}`, ""},
 		{"", `not json`, ""},
 		{"", `{}`, ""},
 		{"", `{"mediaType":"a/b\r\nX-Evil: 1"}`, ""},
 	}
 	for _, tc := range tests {
-		var body []byte
-		if tc.body != "" {
-			body = []byte(tc.body)
-		}
-		if got := contentType(tc.header, body); got != tc.want {
-			t.Errorf("contentType(%q, %q) = %q, want %q", tc.header, tc.body, got, tc.want)
+		got, err := pushedMediaType(tc.header, []byte(tc.body))
+		if got != tc.want || (err == nil) != (tc.want != "") {
+			t.Errorf("pushedMediaType(%q, %q) = %q, %v; want %q", tc.header, tc.body, got, err, tc.want)
 		}
 	}
 }

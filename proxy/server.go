@@ -17,15 +17,15 @@ import (
 	"time"
 
 	"github.com/gorilla/mux"
-	lru "github.com/hashicorp/golang-lru/v2"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
-	"golang.org/x/sync/singleflight"
 
 	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/config"
+	"github.com/ocimirror/ocimirror/internal/flight"
+	"github.com/ocimirror/ocimirror/internal/lru"
 	"github.com/ocimirror/ocimirror/referrers"
 	"github.com/ocimirror/ocimirror/upstream"
 )
@@ -42,6 +42,18 @@ const (
 // upstreamFetchTimeout bounds a manifest, tag or tag-list fetch. Blob fills
 // have no overall bound: the upstream client cuts a body that stalls.
 const upstreamFetchTimeout = 2 * time.Minute
+
+// Memory bounds of what clients and upstreams can make the server keep;
+// README "Trust and limits" lists them.
+const (
+	// defaultTagListBytes bounds the upstream tag lists kept in memory.
+	defaultTagListBytes = 32 << 20
+	// maxTagListBytes bounds one upstream tag list, all pages together.
+	maxTagListBytes = 16 << 20
+	// negativeBytes bounds each memory of what was found missing: fallback
+	// tags, referrer candidates.
+	negativeBytes = 4 << 20
+)
 
 // Upstream is one mirrored registry.
 type Upstream struct {
@@ -62,50 +74,60 @@ type Options struct {
 	Hosted []string
 	// ReadOnly refuses every push and delete.
 	ReadOnly bool
-	// MaxUploads bounds the upload sessions open at once (4096 if 0).
-	MaxUploads     int
+	// MaxUploads bounds the upload sessions open at once (4096 if 0);
+	// MaxUploadsPerClient bounds those of one client address (64 if 0).
+	MaxUploads          int
+	MaxUploadsPerClient int
+	// UploadIdle discards a session unused for this long (5m if 0).
+	UploadIdle time.Duration
+	// TagListBytes bounds the upstream tag lists held in memory (32 MiB if 0).
+	TagListBytes   int64
 	Logger         *slog.Logger
 	TracerProvider trace.TracerProvider
 	// Clock is the time source (tests); time.Now if nil.
 	Clock func() time.Time
 }
 
-// upstreamState is where a repository's content comes from: an upstream,
-// or, for hosted repositories, ocimirror itself (hosted is set, client is
-// nil, name is "").
+// upstreamState is one upstream registry as a source of repositories.
 type upstreamState struct {
+	s         *Server
 	client    *upstream.Client
 	name      string
 	tagTTL    time.Duration
 	dockerHub bool
 	forward   bool
-	hosted    bool
 }
+
+func (u *upstreamState) storeName() string { return u.name }
+func (u *upstreamState) logName() string   { return u.name }
 
 // Server is the registry API.
 type Server struct {
 	store           cache.Store
 	upstreams       map[string]*upstreamState
 	defaultUpstream *upstreamState
-	hosted          *upstreamState
+	hosted          *hostedSource
 	hostedPrefixes  []string
 	readOnly        bool
 	log             *slog.Logger
 	tracer          trace.Tracer
 	now             func() time.Time
 
-	// flight coalesces manifest and tag fetches; fills coalesces blobs.
-	flight   singleflight.Group
+	// flight coalesces manifest, tag and referrer fetches; fills
+	// coalesces blobs.
+	flight   flight.Group[string, any]
 	fills    fills
-	tagLists *lru.Cache[string, tagList]
+	tagLists *lru.Sized[string, tagList]
 	uploads  uploads
 	// refCaps is each upstream repository's referrers API state;
-	// fallbackAbsent remembers when a fallback tag was last found missing.
+	// fallbackAbsent remembers when a fallback tag was last found missing;
+	// refMisses, which referrer candidates failed their check.
 	refCaps        *referrers.Capabilities
-	fallbackAbsent *lru.Cache[cache.TagKey, time.Time]
-	// fallbackMu serializes ocimirror's own updates of upstream fallback
-	// tag indexes.
-	fallbackMu sync.Mutex
+	fallbackAbsent *lru.Sized[cache.TagKey, time.Time]
+	refMisses      *lru.Sized[refMissKey, refMiss]
+	// fallbackLocks serializes ocimirror's own updates of one upstream
+	// fallback tag index.
+	fallbackLocks keyedMutex
 
 	// ctx is the server's lifetime: fills run under it, detached from the
 	// clients that started them.
@@ -128,36 +150,39 @@ func New(o Options) (*Server, error) {
 	if o.Clock == nil {
 		o.Clock = time.Now
 	}
-	tl, err := lru.New[string, tagList](1024)
-	if err != nil {
-		return nil, err
-	}
-	fa, err := lru.New[cache.TagKey, time.Time](16384)
-	if err != nil {
-		return nil, err
+	if o.TagListBytes <= 0 {
+		o.TagListBytes = defaultTagListBytes
 	}
 	s := &Server{
-		store:          o.Store,
-		upstreams:      map[string]*upstreamState{},
-		hosted:         &upstreamState{hosted: true},
-		readOnly:       o.ReadOnly,
-		log:            o.Logger,
-		tracer:         o.TracerProvider.Tracer("github.com/ocimirror/ocimirror/proxy"),
-		now:            o.Clock,
-		tagLists:       tl,
-		refCaps:        referrers.NewCapabilities(time.Hour),
-		fallbackAbsent: fa,
+		store:    o.Store,
+		readOnly: o.ReadOnly,
+		log:      o.Logger,
+		tracer:   o.TracerProvider.Tracer("github.com/ocimirror/ocimirror/proxy"),
+		now:      o.Clock,
+		tagLists: lru.New(o.TagListBytes, 0, func(k string, l tagList) int64 {
+			n := int64(len(k)) + entryOverhead
+			for _, t := range l.tags {
+				n += int64(len(t)) + 16
+			}
+			return n
+		}),
+		refCaps: referrers.NewCapabilities(time.Hour),
+		fallbackAbsent: lru.New(negativeBytes, 0, func(k cache.TagKey, _ time.Time) int64 {
+			return int64(len(k.Upstream)+len(k.Repo)+len(k.Tag)) + entryOverhead
+		}),
+		refMisses: lru.New(negativeBytes, 0, func(k refMissKey, _ refMiss) int64 {
+			return int64(len(k.repo.Upstream)+len(k.repo.Repo)+len(k.digest)+len(k.subject)) + entryOverhead
+		}),
 	}
+	s.hosted = &hostedSource{s: s}
+	s.upstreams = map[string]*upstreamState{}
 	for _, p := range o.Hosted {
 		s.hostedPrefixes = append(s.hostedPrefixes, strings.TrimSuffix(p, "/")+"/")
 	}
-	s.fills.m = map[string]*blobFill{}
-	s.uploads.m, s.uploads.max = map[string]*upload{}, o.MaxUploads
-	if s.uploads.max <= 0 {
-		s.uploads.max = defaultMaxUploads
-	}
+	s.fills.m = map[fillKey]*blobFill{}
+	s.uploads = newUploads(o.MaxUploads, o.MaxUploadsPerClient, o.UploadIdle)
 	for _, u := range o.Upstreams {
-		name := u.Client.Name()
+		name := strings.ToLower(u.Client.Name())
 		if _, dup := s.upstreams[name]; dup {
 			return nil, fmt.Errorf("proxy: upstream %s configured twice", name)
 		}
@@ -165,10 +190,10 @@ func New(o Options) (*Server, error) {
 		if ttl <= 0 {
 			ttl = config.DefaultTagTTL
 		}
-		s.upstreams[name] = &upstreamState{client: u.Client, name: name, tagTTL: ttl, dockerHub: name == config.DockerHub, forward: u.Forward}
+		s.upstreams[name] = &upstreamState{s: s, client: u.Client, name: name, tagTTL: ttl, dockerHub: name == config.DockerHub, forward: u.Forward}
 	}
 	if o.DefaultUpstream != "" {
-		s.defaultUpstream = s.upstreams[o.DefaultUpstream]
+		s.defaultUpstream = s.upstreams[strings.ToLower(o.DefaultUpstream)]
 		if s.defaultUpstream == nil {
 			return nil, fmt.Errorf("proxy: default upstream %s is not configured", o.DefaultUpstream)
 		}
@@ -177,6 +202,10 @@ func New(o Options) (*Server, error) {
 	go s.expireUploads()
 	return s, nil
 }
+
+// entryOverhead approximates what a map or LRU entry costs beyond its
+// strings.
+const entryOverhead = 128
 
 // Shutdown waits for background fills to finish, or cancels them when ctx
 // ends first. Call it after the HTTP server has shut down.
@@ -229,6 +258,8 @@ func (s *Server) handle(op string, h handlerFunc) http.Handler {
 		start := time.Now()
 		rw := &responseWriter{ResponseWriter: w}
 		rw.Header().Set(HeaderAPIVersion, "registry/2.0")
+		// No answer of a registry is a page to render: never sniff one.
+		rw.Header().Set("X-Content-Type-Options", "nosniff")
 		ctx, span := s.tracer.Start(r.Context(), r.Method+" "+op, trace.WithSpanKind(trace.SpanKindServer),
 			trace.WithAttributes(attribute.String("http.request.method", r.Method), attribute.String("url.path", r.URL.Path)))
 		r = r.WithContext(ctx)
@@ -268,8 +299,8 @@ func (s *Server) finish(r *http.Request, rw *responseWriter, q *request, span tr
 		status = http.StatusOK
 	}
 	span.SetAttributes(attribute.Int("http.response.status_code", status))
-	if q.up != nil {
-		span.SetAttributes(attribute.String("ocimirror.upstream", q.up.logName()), attribute.String("ocimirror.repo", q.repo))
+	if q.src != nil {
+		span.SetAttributes(attribute.String("ocimirror.upstream", q.src.logName()), attribute.String("ocimirror.repo", q.repo))
 	}
 	if q.cache != "" {
 		span.SetAttributes(attribute.String("ocimirror.cache", q.cache))
@@ -293,8 +324,8 @@ func (s *Server) finish(r *http.Request, rw *responseWriter, q *request, span tr
 		slog.Int("status", status),
 		slog.Int64("bytes", rw.bytes),
 		slog.Duration("duration", time.Since(start)))
-	if q.up != nil {
-		attrs = append(attrs, slog.String("upstream", q.up.logName()), slog.String("repo", q.repo))
+	if q.src != nil {
+		attrs = append(attrs, slog.String("upstream", q.src.logName()), slog.String("repo", q.repo))
 	}
 	if q.ns != "" {
 		attrs = append(attrs, slog.String("ns", q.ns))
@@ -355,6 +386,9 @@ func (s *Server) apiError(q *request, err error) *Error {
 	switch {
 	case errors.Is(err, upstream.ErrNotFound), errors.Is(err, upstream.ErrDenied):
 		return unknown
+	case errors.Is(err, cache.ErrNotFound):
+		// Content deleted between a check and its read.
+		return unknown
 	case errors.Is(err, upstream.ErrTooManyRequests):
 		e := &Error{Code: CodeTooManyRequests, Header: http.Header{}}
 		if se, ok := errors.AsType[*upstream.StatusError](err); ok {
@@ -409,14 +443,6 @@ func (q *request) upName() string {
 	return q.up.name
 }
 
-// logName names the source in logs and traces: the upstream, or "hosted".
-func (u *upstreamState) logName() string {
-	if u.hosted {
-		return "hosted"
-	}
-	return u.name
-}
-
 func (s *Server) base(w http.ResponseWriter, r *http.Request, _ *request) error {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Content-Length", "2")
@@ -444,8 +470,68 @@ func (s *Server) writing(h handlerFunc) handlerFunc {
 // detached returns a context for work that outlives the client's request:
 // it keeps the request's trace, ends with the server, and has a deadline.
 func (s *Server) detached(ctx context.Context, timeout time.Duration) (context.Context, context.CancelFunc) {
-	c, cancel := context.WithTimeout(trace.ContextWithSpanContext(s.ctx, trace.SpanContextFromContext(ctx)), timeout)
-	return c, cancel
+	return context.WithTimeout(trace.ContextWithSpanContext(s.ctx, trace.SpanContextFromContext(ctx)), timeout)
+}
+
+// flightDo runs fn once for concurrent callers of key, detached from them:
+// a client that hangs up neither cancels the work nor loses it for the
+// others. Each caller stops waiting when its own context ends.
+func (s *Server) flightDo(ctx context.Context, key string, fn func(context.Context) (any, error)) (any, error, bool) {
+	return s.flight.Do(ctx, key, s.work4(ctx), s.tracked(fn))
+}
+
+// flightAbandonable is flightDo for work worth doing only while a client
+// waits for it: it is cancelled when the last one hangs up.
+func (s *Server) flightAbandonable(ctx context.Context, key string, fn func(context.Context) (any, error)) (any, error, bool) {
+	return s.flight.Abandonable(ctx, key, s.work4(ctx), s.tracked(fn))
+}
+
+func (s *Server) work4(ctx context.Context) flight.Work {
+	return func() (context.Context, context.CancelFunc) { return s.detached(ctx, upstreamFetchTimeout) }
+}
+
+// tracked counts fn as background work that Shutdown waits for.
+func (s *Server) tracked(fn func(context.Context) (any, error)) func(context.Context) (any, error) {
+	return func(ctx context.Context) (any, error) {
+		s.work.Add(1)
+		defer s.work.Done()
+		return fn(ctx)
+	}
+}
+
+// keyedMutex is a mutex per key, held only while in use.
+type keyedMutex struct {
+	mu sync.Mutex
+	m  map[string]*keyedEntry
+}
+
+type keyedEntry struct {
+	sync.Mutex
+	users int
+}
+
+// lock locks key and returns its unlock.
+func (k *keyedMutex) lock(key string) func() {
+	k.mu.Lock()
+	if k.m == nil {
+		k.m = map[string]*keyedEntry{}
+	}
+	e := k.m[key]
+	if e == nil {
+		e = &keyedEntry{}
+		k.m[key] = e
+	}
+	e.users++
+	k.mu.Unlock()
+	e.Lock()
+	return func() {
+		e.Unlock()
+		k.mu.Lock()
+		if e.users--; e.users == 0 {
+			delete(k.m, key)
+		}
+		k.mu.Unlock()
+	}
 }
 
 // responseWriter records the status and byte count for the log line.

@@ -15,7 +15,7 @@ import (
 )
 
 // maxTagPages bounds how many pages of an upstream's tag list are followed.
-const maxTagPages = 100
+const maxTagPages = 1000
 
 // tagList is an upstream repository's whole tag list, sorted.
 type tagList struct {
@@ -36,7 +36,7 @@ func (s *Server) tags(w http.ResponseWriter, r *http.Request, q *request) error 
 		}
 	}
 	last := query.Get("last")
-	list, err := s.tagList(r.Context(), q)
+	list, err := q.src.tagList(r.Context(), q)
 	if err != nil {
 		return err
 	}
@@ -81,33 +81,19 @@ func (s *Server) tags(w http.ResponseWriter, r *http.Request, q *request) error 
 	return nil
 }
 
-// tagList returns the repository's tags: a hosted repository's from the
-// store; an upstream's cached within the TTL, else fetched once for
-// concurrent callers, else stale on a transient failure.
-func (s *Server) tagList(ctx context.Context, q *request) (tagList, error) {
-	if !q.up.hosted {
-		return s.upstreamTagList(ctx, q)
-	}
-	stored, err := s.store.ListTags(ctx, q.up.name, q.repo)
-	if err != nil {
-		return tagList{}, err
-	}
-	l := tagList{tags: make([]string, 0, len(stored))}
-	for _, t := range stored {
-		l.tags = append(l.tags, t.Name)
-	}
-	return l, nil
-}
-
-func (s *Server) upstreamTagList(ctx context.Context, q *request) (tagList, error) {
-	key := q.up.name + "\x00" + q.repo
+// tagList implements source: the upstream's list cached within the TTL,
+// else fetched once for concurrent callers, else stale on a transient
+// failure.
+func (u *upstreamState) tagList(ctx context.Context, q *request) (tagList, error) {
+	s := u.s
+	key := u.name + "\x00" + q.repo
 	old, known := s.tagLists.Get(key)
-	if known && s.now().Sub(old.checked) < q.up.tagTTL {
+	if known && s.now().Sub(old.checked) < u.tagTTL {
 		q.setCache("hit")
 		return old, nil
 	}
 	v, err, shared := s.flightDo(ctx, "l\x00"+key, func(ctx context.Context) (any, error) {
-		tags, err := fetchTags(ctx, q.up.client, q.repo)
+		tags, err := fetchTags(ctx, u.client, q.repo)
 		if err != nil {
 			return nil, err
 		}
@@ -117,7 +103,7 @@ func (s *Server) upstreamTagList(ctx context.Context, q *request) (tagList, erro
 	})
 	if err != nil {
 		if known && upstream.Transient(err) {
-			s.log.Warn("upstream failed; serving last known tag list", "upstream", q.up.name, "repo", q.repo, "err", err)
+			s.log.Warn("upstream failed; serving last known tag list", "upstream", u.name, "repo", q.repo, "err", err)
 			q.setCache("stale")
 			return old, nil
 		}
@@ -127,11 +113,17 @@ func (s *Server) upstreamTagList(ctx context.Context, q *request) (tagList, erro
 	return v.(tagList), nil
 }
 
-// fetchTags reads every page of an upstream's tag list.
+// fetchTags reads every page of an upstream's tag list, at most
+// maxTagPages pages and maxTagListBytes of bodies: a longer list is an
+// upstream error rather than a truncated answer.
 func fetchTags(ctx context.Context, c *upstream.Client, repo string) ([]string, error) {
 	var all []string
 	var query url.Values
-	for page := 0; page < maxTagPages; page++ {
+	total := 0
+	for page := 0; ; page++ {
+		if page == maxTagPages {
+			return nil, fmt.Errorf("%w: tag list of more than %d pages", upstream.ErrInvalidResponse, maxTagPages)
+		}
 		resp, err := c.Do(ctx, upstream.Request{Method: http.MethodGet, Repo: repo, Path: "tags/list", Query: query})
 		if err != nil {
 			return nil, err
@@ -140,15 +132,21 @@ func fetchTags(ctx context.Context, c *upstream.Client, repo string) ([]string, 
 		if err != nil {
 			return nil, err
 		}
+		if total += len(body); total > maxTagListBytes {
+			return nil, fmt.Errorf("%w: tag list larger than %d bytes", upstream.ErrInvalidResponse, maxTagListBytes)
+		}
 		var tl struct {
 			Tags []string `json:"tags"`
 		}
 		if err := json.Unmarshal(body, &tl); err != nil {
 			return nil, fmt.Errorf("%w: tag list: %v", upstream.ErrInvalidResponse, err)
 		}
-		all = append(all, tl.Tags...)
-		query = nextPage(resp.Header.Get("Link"))
-		if query == nil {
+		for _, t := range tl.Tags {
+			if validTag(t) { // a tag no client could ask for is not listed
+				all = append(all, t)
+			}
+		}
+		if query = nextPage(resp.Header.Get("Link")); query == nil {
 			break
 		}
 	}

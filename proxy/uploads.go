@@ -10,6 +10,7 @@ import (
 	"hash"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -23,28 +24,53 @@ import (
 	"github.com/ocimirror/ocimirror/cache"
 )
 
-// uploadIdle is how long an upload session may sit unused before it is
-// cancelled and its bytes discarded.
-const uploadIdle = time.Hour
-
-// defaultMaxUploads bounds the sessions open at once; beyond it a new
-// upload is answered 429 until some finish or expire.
-const defaultMaxUploads = 4096
+// Bounds of upload sessions, which any client can open.
+const (
+	// defaultUploadIdle is how long a session may sit unused before it is
+	// cancelled and its bytes discarded.
+	defaultUploadIdle = 5 * time.Minute
+	// defaultMaxUploads bounds the sessions open at once, and
+	// defaultMaxUploadsPerClient those of one client address; beyond them
+	// a new upload is answered 429 until some finish or expire.
+	defaultMaxUploads          = 4096
+	defaultMaxUploadsPerClient = 64
+	// bodyIdle cuts a request body (a PATCH, a PUT) that sends nothing
+	// for this long: a trickling client cannot hold a session forever.
+	bodyIdle = 30 * time.Second
+)
 
 // uploads are the blob upload sessions in progress. They live in memory: a
-// restart cancels them (clients start the upload again).
+// restart cancels them (clients start the upload again). Between requests
+// a session's bytes are in the store, not in memory.
 type uploads struct {
-	mu  sync.Mutex
-	m   map[string]*upload
-	max int
+	mu        sync.Mutex
+	m         map[string]*upload
+	perClient map[string]int
+	max       int
+	maxClient int
+	idle      time.Duration
+}
+
+func newUploads(max, perClient int, idle time.Duration) uploads {
+	if max <= 0 {
+		max = defaultMaxUploads
+	}
+	if perClient <= 0 {
+		perClient = defaultMaxUploadsPerClient
+	}
+	if idle <= 0 {
+		idle = defaultUploadIdle
+	}
+	return uploads{m: map[string]*upload{}, perClient: map[string]int{}, max: max, maxClient: perClient, idle: idle}
 }
 
 // upload is one session. Its bytes go straight to a cache writer, hashed
 // as they arrive; nothing is visible until the final PUT's digest matches.
 type upload struct {
-	id   string
-	up   *upstreamState
-	repo string
+	id     string
+	src    source
+	repo   string
+	client string
 
 	mu   sync.Mutex // one request at a time per session
 	w    cache.BlobWriter
@@ -53,27 +79,45 @@ type upload struct {
 	done bool
 }
 
-func (u *uploads) add(x *upload) bool {
+// add registers a session unless the bounds are reached; the error says
+// which.
+func (u *uploads) add(x *upload) error {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if len(u.m) >= u.max {
-		return false
+		return &Error{Code: CodeTooManyRequests, Message: "too many uploads in progress", Header: http.Header{"Retry-After": {"60"}}}
+	}
+	if u.perClient[x.client] >= u.maxClient {
+		return &Error{Code: CodeTooManyRequests, Message: "too many uploads in progress from this client",
+			Header: http.Header{"Retry-After": {"60"}}, Detail: map[string]string{"client": x.client}}
 	}
 	u.m[x.id] = x
-	return true
+	u.perClient[x.client]++
+	return nil
 }
 
 func (u *uploads) remove(id string) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	u.removeLocked(id)
+}
+
+func (u *uploads) removeLocked(id string) {
+	x := u.m[id]
+	if x == nil {
+		return
+	}
 	delete(u.m, id)
+	if u.perClient[x.client]--; u.perClient[x.client] <= 0 {
+		delete(u.perClient, x.client)
+	}
 }
 
 // cancelAll discards every session (shutdown).
 func (u *uploads) cancelAll(log *slog.Logger) {
 	u.mu.Lock()
 	all := u.m
-	u.m = map[string]*upload{}
+	u.m, u.perClient = map[string]*upload{}, map[string]int{}
 	u.mu.Unlock()
 	for _, x := range all {
 		x.cancel(log)
@@ -92,10 +136,10 @@ func (x *upload) cancel(log *slog.Logger) {
 	}
 }
 
-// expireUploads cancels sessions idle longer than uploadIdle, until the
-// server stops.
+// expireUploads cancels sessions idle longer than the idle bound, until
+// the server stops.
 func (s *Server) expireUploads() {
-	t := time.NewTicker(time.Minute)
+	t := time.NewTicker(min(time.Minute, s.uploads.idle/2))
 	defer t.Stop()
 	for {
 		select {
@@ -107,9 +151,9 @@ func (s *Server) expireUploads() {
 		s.uploads.mu.Lock()
 		for id, x := range s.uploads.m {
 			if x.mu.TryLock() {
-				if time.Since(x.used) > uploadIdle {
+				if time.Since(x.used) > s.uploads.idle {
 					stale = append(stale, x)
-					delete(s.uploads.m, id)
+					s.uploads.removeLocked(id)
 				}
 				x.mu.Unlock()
 			}
@@ -121,18 +165,27 @@ func (s *Server) expireUploads() {
 	}
 }
 
-func (s *Server) newUpload(ctx context.Context, q *request) (*upload, error) {
+// clientAddr is the address a request came from, without its port.
+func clientAddr(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+func (s *Server) newUpload(r *http.Request, q *request) (*upload, error) {
+	ctx := r.Context()
 	w, err := s.store.CreateBlob(ctx)
 	if err != nil {
 		return nil, err
 	}
 	id := make([]byte, 16)
 	_, _ = rand.Read(id)
-	x := &upload{id: hex.EncodeToString(id), up: q.up, repo: q.repo, w: w, h: sha256.New(), used: time.Now()}
-	if !s.uploads.add(x) {
+	x := &upload{id: hex.EncodeToString(id), src: q.src, repo: q.repo, client: clientAddr(r), w: w, h: sha256.New(), used: time.Now()}
+	if err := s.uploads.add(x); err != nil {
 		_ = w.Cancel(ctx)
-		return nil, &Error{Code: CodeTooManyRequests, Message: "too many uploads in progress",
-			Header: http.Header{"Retry-After": {"60"}}}
+		return nil, err
 	}
 	return x, nil
 }
@@ -144,7 +197,7 @@ func (s *Server) session(r *http.Request, q *request) (*upload, error) {
 	s.uploads.mu.Lock()
 	x := s.uploads.m[id]
 	s.uploads.mu.Unlock()
-	if x == nil || x.up != q.up || x.repo != q.repo {
+	if x == nil || x.src != q.src || x.repo != q.repo {
 		return nil, &Error{Code: CodeUploadUnknown, Detail: map[string]string{"uuid": id}}
 	}
 	x.mu.Lock()
@@ -205,7 +258,7 @@ func (s *Server) startUpload(w http.ResponseWriter, r *http.Request, q *request)
 		}
 		// Not mountable: the client pushes the blob in a new session.
 	}
-	x, err := s.newUpload(ctx, q)
+	x, err := s.newUpload(r, q)
 	if err != nil {
 		return err
 	}
@@ -227,6 +280,12 @@ func (s *Server) patchUpload(w http.ResponseWriter, r *http.Request, q *request)
 	defer x.mu.Unlock()
 	if err := s.appendUpload(w, r, q, x); err != nil {
 		return err
+	}
+	if p, ok := x.w.(cache.Parker); ok {
+		// The session waits for its next request with no buffer in memory.
+		if err := p.Park(); err != nil {
+			return s.failUpload(r, x, err)
+		}
 	}
 	writeUploadState(w, q, x, http.StatusAccepted)
 	return nil
@@ -282,7 +341,7 @@ func (s *Server) appendUpload(w http.ResponseWriter, r *http.Request, q *request
 		}
 		want = end - start + 1
 	}
-	var body io.Reader = r.Body
+	var body io.Reader = newIdleReader(w, r.Body)
 	if want >= 0 {
 		body = io.LimitReader(r.Body, want+1) // one more byte shows a chunk longer than its range
 	}
@@ -290,18 +349,41 @@ func (s *Server) appendUpload(w http.ResponseWriter, r *http.Request, q *request
 	defer bufPool.Put(bp)
 	n, err := io.CopyBuffer(io.MultiWriter(x.w, x.h), body, *bp)
 	if err != nil {
-		s.uploads.remove(x.id)
-		x.done = true
-		_ = x.w.Cancel(context.WithoutCancel(r.Context()))
-		return fmt.Errorf("reading upload body: %w", err)
+		return s.failUpload(r, x, fmt.Errorf("reading upload body: %w", err))
 	}
 	if want >= 0 && n != want {
-		s.uploads.remove(x.id)
-		x.done = true
-		_ = x.w.Cancel(context.WithoutCancel(r.Context()))
-		return &Error{Code: CodeSizeInvalid, Detail: map[string]string{"expected": strconv.FormatInt(want, 10), "received": strconv.FormatInt(n, 10)}}
+		return s.failUpload(r, x, &Error{Code: CodeSizeInvalid, Detail: map[string]string{"expected": strconv.FormatInt(want, 10), "received": strconv.FormatInt(n, 10)}})
 	}
 	return nil
+}
+
+// failUpload ends a session whose bytes can no longer be trusted.
+func (s *Server) failUpload(r *http.Request, x *upload, err error) error {
+	s.uploads.remove(x.id)
+	x.done = true
+	_ = x.w.Cancel(context.WithoutCancel(r.Context()))
+	return err
+}
+
+// idleReader gives every read of a request body a fresh deadline, so a
+// client that stops sending is cut after bodyIdle instead of holding its
+// session and goroutine.
+type idleReader struct {
+	r  io.Reader
+	rc *http.ResponseController
+}
+
+func newIdleReader(w http.ResponseWriter, r io.Reader) idleReader {
+	return idleReader{r: r, rc: http.NewResponseController(w)}
+}
+
+func (b idleReader) Read(p []byte) (int, error) {
+	_ = b.rc.SetReadDeadline(time.Now().Add(bodyIdle))
+	n, err := b.r.Read(p)
+	if err != nil {
+		_ = b.rc.SetReadDeadline(time.Time{})
+	}
+	return n, err
 }
 
 // parseContentRange reads "start-end", also written "bytes start-end" or
@@ -371,22 +453,13 @@ func (x *upload) digest(alg digest.Algorithm) (digest.Digest, error) {
 	return digest.NewDigest(alg, h), nil
 }
 
-// blobPushed makes a stored blob part of the request's repository: linked
-// in a hosted repository, written through to a forwarding upstream.
+// blobPushed makes a stored blob part of the request's repository: the
+// source's part first (a forwarding upstream gets it), then the link.
 func (s *Server) blobPushed(ctx context.Context, q *request, d digest.Digest, size int64) error {
-	switch {
-	case q.up.hosted:
-		return s.store.Link(ctx, q.repo, cache.LinkBlob, d)
-	case q.up.forward:
-		return q.up.client.PushBlob(ctx, q.repo, d, size, func() io.Reader {
-			rd, err := s.store.OpenBlob(ctx, d)
-			if err != nil {
-				return errReader{err}
-			}
-			return io.NewSectionReader(rd, 0, size)
-		})
+	if err := q.src.pushBlob(ctx, q, d, size); err != nil {
+		return err
 	}
-	return nil
+	return s.store.Link(ctx, q.key(), cache.LinkBlob, d, cache.OriginPushed)
 }
 
 type errReader struct{ err error }
@@ -402,62 +475,35 @@ func writeBlobCreated(w http.ResponseWriter, q *request, d digest.Digest) error 
 	return nil
 }
 
-// mount links a blob ocimirror already stores into the request's
-// repository. From a hosted repository the blob must be linked there;
-// anonymous mounts and mounts from proxied repositories need only the blob
-// to be stored. It returns false when the client must upload instead.
+// mount links a blob into the request's repository from the repository
+// named by from, which must hold it (a hosted repository's link, a proxied
+// repository's fetched or pushed blob). from is a name as the client
+// writes it, routed like the request's own (ns applies to it too). A mount
+// without from, or from a repository that does not hold the blob, is not
+// done: a digest alone is no proof that the client may read the bytes. It
+// returns false when the client must upload instead.
 func (s *Server) mount(ctx context.Context, q *request, d digest.Digest, from string) (bool, error) {
+	if from == "" {
+		return false, nil
+	}
+	var nsUp *upstreamState
+	if q.ns != "" {
+		nsUp = q.up
+	}
+	src, name, _, err := s.route(from, nsUp)
+	if err != nil {
+		return false, nil
+	}
+	fromUp, _ := src.(*upstreamState)
+	fromKey := cache.RepoKey{Upstream: src.storeName(), Repo: s.upstreamRepo(fromUp, name)}
+	if _, ok, err := s.store.Linked(ctx, fromKey, cache.LinkBlob, d); err != nil || !ok {
+		return false, err
+	}
 	info, err := s.store.StatBlob(ctx, d)
 	if errors.Is(err, cache.ErrNotFound) {
 		return false, nil
 	} else if err != nil {
 		return false, err
 	}
-	if from != "" && s.isHosted(from) {
-		if !validName(from) {
-			return false, nil
-		}
-		if ok, err := s.store.Linked(ctx, from, cache.LinkBlob, d); err != nil || !ok {
-			return false, err
-		}
-	}
 	return true, s.blobPushed(ctx, q, d, info.Size)
 }
-
-// deleteBlob serves DELETE /v2/<name>/blobs/<digest>. In a hosted
-// repository it removes the repository's link; a forwarding upstream
-// deletes its copy; other proxied content cannot be deleted.
-func (s *Server) deleteBlob(w http.ResponseWriter, r *http.Request, q *request) error {
-	if err := q.parseDigestVar(r); err != nil {
-		return err
-	}
-	d := q.dgst
-	ctx := r.Context()
-	switch {
-	case q.up.hosted:
-		existed, err := s.store.Unlink(ctx, q.repo, cache.LinkBlob, d)
-		if err != nil {
-			return err
-		}
-		if !existed {
-			return ErrBlobUnknown(map[string]string{"digest": d.String()})
-		}
-	case q.up.forward:
-		if err := q.up.client.Delete(ctx, q.repo, "blobs/"+d.String()); err != nil {
-			return err
-		}
-		// The cached copy goes too, so the repository answers 404 at once;
-		// other repositories that hold the blob fetch it again.
-		if err := s.store.DeleteBlob(ctx, d); err != nil {
-			return err
-		}
-	default:
-		return errProxiedDelete
-	}
-	w.Header().Set("Content-Length", "0")
-	w.WriteHeader(http.StatusAccepted)
-	return nil
-}
-
-var errProxiedDelete = &Error{Code: CodeUnsupported,
-	Message: "content of a proxied repository is deleted upstream; set push: forward on the upstream to delete through ocimirror"}

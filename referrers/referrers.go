@@ -14,6 +14,8 @@ import (
 	"github.com/opencontainers/go-digest"
 	specs "github.com/opencontainers/image-spec/specs-go"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/ocimirror/ocimirror/manifest"
 )
 
 // MaxResponse is the largest referrers answer sent in one response; more
@@ -42,60 +44,30 @@ func clean(s string, limit int) string {
 	}, s)
 }
 
-// manifestFields are the parts of an image manifest or index that matter
-// for referrers.
-type manifestFields struct {
-	MediaType    string            `json:"mediaType"`
-	ArtifactType string            `json:"artifactType"`
-	Config       *v1.Descriptor    `json:"config"`
-	Manifests    json.RawMessage   `json:"manifests"`
-	Subject      *v1.Descriptor    `json:"subject"`
-	Annotations  map[string]string `json:"annotations"`
-}
-
-// ErrNotManifest is returned for bytes that are not a JSON manifest.
-var ErrNotManifest = errors.New("referrers: not a JSON manifest")
-
-// Describe returns the descriptor of manifest dgst (its exact bytes data)
-// as a referrers answer lists it, and the manifest's subject (nil when it
-// has none). artifactType is the manifest's artifactType, else an image
-// manifest's config media type; an index without one has none.
-// Annotations are the manifest's.
+// Describe returns the descriptor of manifest dgst (its exact bytes data,
+// of media type mediaType) as a referrers answer lists it, and its subject:
+// nil when it has none, or when it cannot be a referrer (only OCI image
+// manifests and indexes can). The bytes must pass manifest.Parse.
 func Describe(dgst digest.Digest, mediaType string, data []byte) (v1.Descriptor, *v1.Descriptor, error) {
-	var m manifestFields
-	if err := json.Unmarshal(data, &m); err != nil {
-		return v1.Descriptor{}, nil, fmt.Errorf("%w: %v", ErrNotManifest, err)
+	m, err := manifest.Parse(mediaType, data)
+	if err != nil {
+		return v1.Descriptor{}, nil, err
 	}
-	if mediaType == "" {
-		mediaType = m.MediaType
-	}
-	d := v1.Descriptor{
-		MediaType:    mediaType,
-		Digest:       dgst,
-		Size:         int64(len(data)),
-		ArtifactType: m.ArtifactType,
-		Annotations:  m.Annotations,
-	}
-	if d.ArtifactType == "" && m.Config != nil && m.Manifests == nil {
-		d.ArtifactType = m.Config.MediaType
-	}
-	if m.Subject != nil && m.Subject.Digest.Validate() != nil {
-		return d, nil, nil // a malformed subject is no subject
+	d := m.Descriptor(dgst, int64(len(data)))
+	if !manifest.Referrer(mediaType) {
+		return d, nil, nil
 	}
 	return d, m.Subject, nil
 }
 
-// Subject returns the subject digest of a manifest, or "" when it has none.
-func Subject(data []byte) digest.Digest {
-	var m struct {
-		Subject *struct {
-			Digest digest.Digest `json:"digest"`
-		} `json:"subject"`
-	}
-	if json.Unmarshal(data, &m) != nil || m.Subject == nil || m.Subject.Digest.Validate() != nil {
+// Subject returns the subject digest of a stored manifest, or "" when it
+// has none.
+func Subject(mediaType string, data []byte) digest.Digest {
+	_, s, err := Describe("", mediaType, data)
+	if err != nil || s == nil {
 		return ""
 	}
-	return m.Subject.Digest
+	return s.Digest
 }
 
 // Merge returns the union of the sets by digest, the first set that names
@@ -178,15 +150,42 @@ func encode(ds []v1.Descriptor) ([]byte, error) {
 	})
 }
 
-// ParseIndex reads the manifests of an image index (a referrers answer or
-// a fallback tag index).
+// ParseIndex reads the descriptors of an image index (a referrers answer
+// or a fallback tag index) as the upstream wrote them: each is only a
+// candidate, to be checked before it is listed.
 func ParseIndex(data []byte) ([]v1.Descriptor, error) {
-	var idx v1.Index
+	var idx struct {
+		MediaType string          `json:"mediaType"`
+		Manifests []v1.Descriptor `json:"manifests"`
+	}
 	if err := json.Unmarshal(data, &idx); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrNotManifest, err)
+		return nil, fmt.Errorf("%w: %v", ErrNotIndex, err)
 	}
 	if idx.MediaType != "" && idx.MediaType != v1.MediaTypeImageIndex {
-		return nil, fmt.Errorf("%w: media type %s is not an index", ErrNotManifest, idx.MediaType)
+		return nil, fmt.Errorf("%w: media type %s is not an index", ErrNotIndex, idx.MediaType)
 	}
 	return idx.Manifests, nil
+}
+
+// ErrNotIndex is returned for bytes that are not an image index.
+var ErrNotIndex = errors.New("referrers: not an image index")
+
+// Malformed says why a candidate descriptor cannot name a referrer, without
+// fetching it: a digest that is not sha256 or sha512 in canonical form, a
+// media type other than an OCI image manifest's or index's, a negative
+// size, or one larger than any manifest. "" when it may.
+func Malformed(d v1.Descriptor) string {
+	alg, hex, _ := strings.Cut(string(d.Digest), ":")
+	want := map[string]int{"sha256": 64, "sha512": 128}[alg]
+	switch {
+	case want == 0 || len(hex) != want || strings.Trim(hex, "0123456789abcdef") != "":
+		return "invalid digest"
+	case !manifest.Referrer(d.MediaType):
+		return "not a manifest media type"
+	case d.Size < 0:
+		return "negative size"
+	case d.Size > manifest.MaxSize:
+		return "larger than a manifest"
+	}
+	return ""
 }

@@ -34,6 +34,9 @@ func TestFallbackTag(t *testing.T) {
 
 func TestDescribe(t *testing.T) {
 	subj := `{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:` + strings.Repeat("a", 64) + `","size":10}`
+	cfg := func(mt string) string {
+		return `{"mediaType":"` + mt + `","digest":"sha256:` + strings.Repeat("b", 64) + `","size":2}`
+	}
 	tests := []struct {
 		name, mediaType, body string
 		wantType              string
@@ -41,19 +44,20 @@ func TestDescribe(t *testing.T) {
 		wantAnnotations       map[string]string
 	}{
 		{"artifactType wins", v1.MediaTypeImageManifest,
-			`{"schemaVersion":2,"artifactType":"application/x.sbom","config":{"mediaType":"application/vnd.oci.empty.v1+json"},"subject":` + subj + `,"annotations":{"a":"b"}}`,
+			`{"schemaVersion":2,"artifactType":"application/x.sbom","config":` + cfg("application/vnd.oci.empty.v1+json") + `,"subject":` + subj + `,"annotations":{"a":"b"}}`,
 			"application/x.sbom", true, map[string]string{"a": "b"}},
 		{"config media type", v1.MediaTypeImageManifest,
-			`{"schemaVersion":2,"config":{"mediaType":"application/vnd.dev.cosign.artifact.sig.v1+json"},"subject":` + subj + `}`,
+			`{"schemaVersion":2,"config":` + cfg("application/vnd.dev.cosign.artifact.sig.v1+json") + `,"subject":` + subj + `}`,
 			"application/vnd.dev.cosign.artifact.sig.v1+json", true, nil},
 		{"index without artifactType", v1.MediaTypeImageIndex,
 			`{"schemaVersion":2,"manifests":[],"subject":` + subj + `}`, "", true, nil},
 		{"index with artifactType", v1.MediaTypeImageIndex,
 			`{"schemaVersion":2,"artifactType":"application/x.y","manifests":[]}`, "application/x.y", false, nil},
-		{"media type from the body", "",
-			`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"c/d"}}`, "c/d", false, nil},
 		{"malformed subject", v1.MediaTypeImageManifest,
-			`{"schemaVersion":2,"config":{"mediaType":"c/d"},"subject":{"digest":"nope"}}`, "c/d", false, nil},
+			`{"schemaVersion":2,"config":` + cfg("c/d") + `,"subject":{"digest":"nope"}}`, "c/d", false, nil},
+		// A Docker manifest cannot be a referrer, whatever it carries.
+		{"docker manifest with a subject", "application/vnd.docker.distribution.manifest.v2+json",
+			`{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":` + cfg("c/d") + `,"subject":` + subj + `}`, "c/d", false, nil},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -65,13 +69,42 @@ func TestDescribe(t *testing.T) {
 			if desc.ArtifactType != tc.wantType || desc.Digest != d || desc.Size != int64(len(tc.body)) || (subject != nil) != tc.wantSubject {
 				t.Errorf("got %+v subject %v", desc, subject)
 			}
-			if desc.MediaType == "" || fmt.Sprint(desc.Annotations) != fmt.Sprint(tc.wantAnnotations) {
+			if desc.MediaType != tc.mediaType || fmt.Sprint(desc.Annotations) != fmt.Sprint(tc.wantAnnotations) {
 				t.Errorf("media type %q annotations %v", desc.MediaType, desc.Annotations)
 			}
 		})
 	}
-	if _, _, err := Describe("sha256:x", "", []byte("not json")); err == nil {
+	if _, _, err := Describe("sha256:x", v1.MediaTypeImageManifest, []byte("not json")); err == nil {
 		t.Error("not JSON described")
+	}
+}
+
+func TestMalformed(t *testing.T) {
+	good := v1.Descriptor{MediaType: v1.MediaTypeImageManifest, Digest: digest.FromString("x"), Size: 10}
+	tests := []struct {
+		name string
+		edit func(*v1.Descriptor)
+		bad  bool
+	}{
+		{"valid manifest", func(*v1.Descriptor) {}, false},
+		{"valid index", func(d *v1.Descriptor) { d.MediaType = v1.MediaTypeImageIndex }, false},
+		{"sha512", func(d *v1.Descriptor) { d.Digest = digest.SHA512.FromString("x") }, false},
+		{"md5", func(d *v1.Descriptor) { d.Digest = "md5:" + digest.Digest(strings.Repeat("a", 32)) }, true},
+		{"bad hex", func(d *v1.Descriptor) { d.Digest = "sha256:xyz" }, true},
+		{"upper-case hex", func(d *v1.Descriptor) { d.Digest = digest.Digest(strings.ToUpper(string(d.Digest))) }, true},
+		{"empty digest", func(d *v1.Descriptor) { d.Digest = "" }, true},
+		{"empty media type", func(d *v1.Descriptor) { d.MediaType = "" }, true},
+		{"layer", func(d *v1.Descriptor) { d.MediaType = v1.MediaTypeImageLayer }, true},
+		{"docker manifest", func(d *v1.Descriptor) { d.MediaType = "application/vnd.docker.distribution.manifest.v2+json" }, true},
+		{"negative size", func(d *v1.Descriptor) { d.Size = -5 }, true},
+		{"huge", func(d *v1.Descriptor) { d.Size = 1 << 40 }, true},
+	}
+	for _, tc := range tests {
+		d := good
+		tc.edit(&d)
+		if got := Malformed(d); (got != "") != tc.bad {
+			t.Errorf("%s: Malformed = %q", tc.name, got)
+		}
 	}
 }
 

@@ -138,10 +138,10 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 			logger.Error("closing the store", "err", err)
 		}
 	}()
-	store, err := cache.NewLRU(badger, cfg.Cache.ManifestEntries, cfg.Cache.MetadataEntries)
-	if err != nil {
-		return err
-	}
+	store := cache.NewLRU(badger, cache.LRUOptions{
+		ManifestBytes: cfg.Cache.ManifestBytes.Bytes, MetadataBytes: cfg.Cache.MetadataBytes.Bytes,
+		ManifestEntries: cfg.Cache.ManifestEntries, MetadataEntries: cfg.Cache.MetadataEntries,
+	})
 
 	var ups []proxy.Upstream
 	for _, u := range cfg.Upstreams {
@@ -164,7 +164,9 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 	srv, err := proxy.New(proxy.Options{
 		Store: store, Upstreams: ups, DefaultUpstream: cfg.DefaultUpstream,
 		Hosted: cfg.Hosted, ReadOnly: cfg.ReadOnly,
-		Logger: logger, TracerProvider: tp,
+		MaxUploads: cfg.Uploads.Max, MaxUploadsPerClient: cfg.Uploads.PerClient, UploadIdle: cfg.Uploads.Idle.Duration,
+		TagListBytes: cfg.Cache.TagListBytes.Bytes,
+		Logger:       logger, TracerProvider: tp,
 	})
 	if err != nil {
 		return err
