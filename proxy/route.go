@@ -39,7 +39,9 @@ type request struct {
 }
 
 // key names the request's repository in the store.
-func (q *request) key() cache.RepoKey { return cache.RepoKey{Upstream: q.src.storeName(), Repo: q.repo} }
+func (q *request) key() cache.RepoKey {
+	return cache.RepoKey{Upstream: q.src.storeName(), Repo: q.repo}
+}
 
 // tagKey names the request's tag in the store.
 func (q *request) tagKey() cache.TagKey {
