@@ -64,6 +64,11 @@ type env struct {
 	hosted      []string
 	readOnly    bool
 	maxUploads  int
+	perClient   int
+	uploadIdle  time.Duration
+	bodyIdle    time.Duration
+	wrapStore   func(cache.Store) cache.Store
+	lruBytes    int64
 
 	badger *cache.Badger
 	store  cache.Store
@@ -80,6 +85,11 @@ func withDefault(name string) option       { return func(e *env) { e.defaultName
 func withHosted(prefixes ...string) option { return func(e *env) { e.hosted = prefixes } }
 func withReadOnly() option                 { return func(e *env) { e.readOnly = true } }
 func withMaxUploads(n int) option          { return func(e *env) { e.maxUploads = n } }
+func withUploadLimits(total, perClient int, idle, body time.Duration) option {
+	return func(e *env) { e.maxUploads, e.perClient, e.uploadIdle, e.bodyIdle = total, perClient, idle, body }
+}
+func withStore(wrap func(cache.Store) cache.Store) option { return func(e *env) { e.wrapStore = wrap } }
+func withLRUBytes(n int64) option                         { return func(e *env) { e.lruBytes = n } }
 func withTracer(tp trace.TracerProvider) option {
 	return func(e *env) { e.tracer = tp }
 }
@@ -112,7 +122,14 @@ func (e *env) open() {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.store = cache.NewLRU(e.badger, cache.LRUOptions{ManifestBytes: 1 << 20, MetadataBytes: 1 << 20})
+	lruBytes := e.lruBytes
+	if lruBytes == 0 {
+		lruBytes = 1 << 20
+	}
+	e.store = cache.NewLRU(e.badger, cache.LRUOptions{ManifestBytes: lruBytes, MetadataBytes: lruBytes})
+	if e.wrapStore != nil {
+		e.store = e.wrapStore(e.store)
+	}
 	var ups []proxy.Upstream
 	for _, u := range e.upstreams {
 		url := u.url
@@ -127,7 +144,8 @@ func (e *env) open() {
 		ups = append(ups, proxy.Upstream{Client: c, TagTTL: u.ttl, Forward: u.forward})
 	}
 	e.srv, err = proxy.New(proxy.Options{Store: e.store, Upstreams: ups, DefaultUpstream: e.defaultName,
-		Hosted: e.hosted, ReadOnly: e.readOnly, MaxUploads: e.maxUploads,
+		Hosted: e.hosted, ReadOnly: e.readOnly, MaxUploads: e.maxUploads, MaxUploadsPerClient: e.perClient,
+		UploadIdle: e.uploadIdle, BodyIdle: e.bodyIdle,
 		Logger: testLogger(t), Clock: e.clock.Now, TracerProvider: e.tracer})
 	if err != nil {
 		t.Fatal(err)

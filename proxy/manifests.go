@@ -498,9 +498,9 @@ func pushedMediaType(contentType string, data []byte) (string, error) {
 }
 
 // accepts reports whether a client's Accept headers admit media type mt.
-// No Accept header admits anything.
+// No Accept header (or only empty ones) admits anything.
 func accepts(values []string, mt string) bool {
-	if len(values) == 0 {
+	if strings.TrimSpace(strings.Join(values, "")) == "" {
 		return true
 	}
 	typ, _, _ := strings.Cut(mt, "/")

@@ -50,9 +50,9 @@ func (s *Server) putManifest(w http.ResponseWriter, r *http.Request, q *request)
 			return err
 		}
 	}
-	data, err := io.ReadAll(io.LimitReader(newIdleReader(w, r.Body), manifest.MaxSize+1))
+	data, err := io.ReadAll(io.LimitReader(s.newIdleReader(w, r.Body), manifest.MaxSize+1))
 	if err != nil {
-		return err
+		return bodyError(err)
 	}
 	if len(data) > manifest.MaxSize {
 		return &Error{Code: CodeManifestInvalid, Status: http.StatusRequestEntityTooLarge, Message: "manifest larger than 4 MiB"}

@@ -80,6 +80,8 @@ type Options struct {
 	MaxUploadsPerClient int
 	// UploadIdle discards a session unused for this long (5m if 0).
 	UploadIdle time.Duration
+	// BodyIdle cuts a request body that sends nothing for this long (30s if 0).
+	BodyIdle time.Duration
 	// TagListBytes bounds the upstream tag lists held in memory (32 MiB if 0).
 	TagListBytes   int64
 	Logger         *slog.Logger
@@ -119,6 +121,7 @@ type Server struct {
 	fills    fills
 	tagLists *lru.Sized[string, tagList]
 	uploads  uploads
+	bodyIdle time.Duration
 	// refCaps is each upstream repository's referrers API state;
 	// fallbackAbsent remembers when a fallback tag was last found missing;
 	// refMisses, which referrer candidates failed their check.
@@ -181,6 +184,10 @@ func New(o Options) (*Server, error) {
 	}
 	s.fills.m = map[fillKey]*blobFill{}
 	s.uploads = newUploads(o.MaxUploads, o.MaxUploadsPerClient, o.UploadIdle)
+	s.bodyIdle = o.BodyIdle
+	if s.bodyIdle <= 0 {
+		s.bodyIdle = defaultBodyIdle
+	}
 	for _, u := range o.Upstreams {
 		name := strings.ToLower(u.Client.Name())
 		if _, dup := s.upstreams[name]; dup {

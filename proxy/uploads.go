@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"hash"
 	"io"
 	"log/slog"
@@ -34,9 +33,9 @@ const (
 	// a new upload is answered 429 until some finish or expire.
 	defaultMaxUploads          = 4096
 	defaultMaxUploadsPerClient = 64
-	// bodyIdle cuts a request body (a PATCH, a PUT) that sends nothing
-	// for this long: a trickling client cannot hold a session forever.
-	bodyIdle = 30 * time.Second
+	// defaultBodyIdle cuts a request body (a PATCH, a PUT) that sends
+	// nothing for this long: a trickling client cannot hold a session forever.
+	defaultBodyIdle = 30 * time.Second
 )
 
 // uploads are the blob upload sessions in progress. They live in memory: a
@@ -341,7 +340,7 @@ func (s *Server) appendUpload(w http.ResponseWriter, r *http.Request, q *request
 		}
 		want = end - start + 1
 	}
-	var body io.Reader = newIdleReader(w, r.Body)
+	var body io.Reader = s.newIdleReader(w, r.Body)
 	if want >= 0 {
 		body = io.LimitReader(r.Body, want+1) // one more byte shows a chunk longer than its range
 	}
@@ -349,12 +348,21 @@ func (s *Server) appendUpload(w http.ResponseWriter, r *http.Request, q *request
 	defer bufPool.Put(bp)
 	n, err := io.CopyBuffer(io.MultiWriter(x.w, x.h), body, *bp)
 	if err != nil {
-		return s.failUpload(r, x, fmt.Errorf("reading upload body: %w", err))
+		return s.failUpload(r, x, bodyError(err))
 	}
 	if want >= 0 && n != want {
 		return s.failUpload(r, x, &Error{Code: CodeSizeInvalid, Detail: map[string]string{"expected": strconv.FormatInt(want, 10), "received": strconv.FormatInt(n, 10)}})
 	}
 	return nil
+}
+
+// bodyError answers a request body that could not be read: one that
+// stalled past the idle bound is 408, one cut short 400.
+func bodyError(err error) error {
+	if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
+		return &Error{Code: CodeUploadInvalid, Status: http.StatusRequestTimeout, Message: "the request body stalled", Err: err}
+	}
+	return &Error{Code: CodeUploadInvalid, Message: "the request body could not be read", Err: err}
 }
 
 // failUpload ends a session whose bytes can no longer be trusted.
@@ -366,19 +374,20 @@ func (s *Server) failUpload(r *http.Request, x *upload, err error) error {
 }
 
 // idleReader gives every read of a request body a fresh deadline, so a
-// client that stops sending is cut after bodyIdle instead of holding its
-// session and goroutine.
+// client that stops sending is cut after the idle bound instead of holding
+// its session and goroutine.
 type idleReader struct {
-	r  io.Reader
-	rc *http.ResponseController
+	r    io.Reader
+	rc   *http.ResponseController
+	idle time.Duration
 }
 
-func newIdleReader(w http.ResponseWriter, r io.Reader) idleReader {
-	return idleReader{r: r, rc: http.NewResponseController(w)}
+func (s *Server) newIdleReader(w http.ResponseWriter, r io.Reader) idleReader {
+	return idleReader{r: r, rc: http.NewResponseController(w), idle: s.bodyIdle}
 }
 
 func (b idleReader) Read(p []byte) (int, error) {
-	_ = b.rc.SetReadDeadline(time.Now().Add(bodyIdle))
+	_ = b.rc.SetReadDeadline(time.Now().Add(b.idle))
 	n, err := b.r.Read(p)
 	if err != nil {
 		_ = b.rc.SetReadDeadline(time.Time{})
