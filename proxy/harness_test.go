@@ -151,10 +151,13 @@ func (e *env) open() {
 		t.Fatal(err)
 	}
 	h := e.srv.Handler()
-	e.ts = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	// Served as cmd/ocimirror serves it: behind OCIErrorListener.
+	e.ts = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		e.requests.Add(1)
 		h.ServeHTTP(w, r)
 	}))
+	e.ts.Listener = proxy.OCIErrorListener(e.ts.Listener)
+	e.ts.Start()
 }
 
 func (e *env) close() {

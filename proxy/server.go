@@ -361,13 +361,7 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, q *request, 
 	for k, v := range e.Header {
 		h[k] = v
 	}
-	body, _ := json.Marshal(struct {
-		Errors []any `json:"errors"`
-	}{[]any{struct {
-		Code    Code   `json:"code"`
-		Message string `json:"message"`
-		Detail  any    `json:"detail,omitempty"`
-	}{e.Code, e.message(), e.Detail}}})
+	body := errorBody(e)
 	h.Set("Content-Type", "application/json")
 	h.Set("Content-Length", strconv.Itoa(len(body)))
 	h.Del("Docker-Content-Digest")
@@ -375,6 +369,18 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, q *request, 
 	if r.Method != http.MethodHead {
 		_, _ = w.Write(body)
 	}
+}
+
+// errorBody is e in the OCI error format: {"errors":[{code, message, detail}]}.
+func errorBody(e *Error) []byte {
+	body, _ := json.Marshal(struct {
+		Errors []any `json:"errors"`
+	}{[]any{struct {
+		Code    Code   `json:"code"`
+		Message string `json:"message"`
+		Detail  any    `json:"detail,omitempty"`
+	}{e.Code, e.message(), e.Detail}}})
+	return body
 }
 
 func (s *Server) apiError(q *request, err error) *Error {
