@@ -176,6 +176,10 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	// Requests net/http rejects before any handler runs are answered in
+	// the OCI error format too. Under TLS the listener is below TLS and
+	// rewrites only the answer to plain HTTP on the TLS port.
+	ln = proxy.OCIErrorListener(ln)
 	hs := &http.Server{
 		Handler:           srv.Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
