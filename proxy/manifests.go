@@ -147,6 +147,12 @@ func (u *upstreamState) getManifest(ctx context.Context, repo string, d digest.D
 		fetch = s.flightAbandonable
 	}
 	v, err, shared := fetch(ctx, "m\x00"+u.name+"\x00"+repo+"\x00"+d.String(), func(ctx context.Context) (any, error) {
+		// A flight that ended just before this one began may have stored it.
+		if _, ok, _ := s.store.Linked(ctx, k, cache.LinkManifest, d); ok {
+			if m, err := s.store.GetManifest(ctx, d); err == nil {
+				return m, nil
+			}
+		}
 		return u.fetchManifest(ctx, repo, d.String(), d)
 	})
 	if err != nil {
@@ -315,6 +321,8 @@ type tagResult struct {
 	held bool
 	// revalidated: the upstream confirmed the cached digest.
 	revalidated bool
+	// hit: the store had the answer after all (a flight that just ended).
+	hit bool
 }
 
 // resolveTag returns what an upstream tag points at and how it was
@@ -356,6 +364,10 @@ func (u *upstreamState) resolveTag(ctx context.Context, key cache.TagKey, head b
 		mode = "h"
 	}
 	v, err, shared := s.flightDo(ctx, "t\x00"+mode+"\x00"+key.Upstream+"\x00"+key.Repo+"\x00"+key.Tag, func(ctx context.Context) (any, error) {
+		// A flight that ended just before this one began may have answered.
+		if cur, err := s.store.GetTag(ctx, key); err == nil && cur.Pending == "" && cur.Digest != "" && s.now().Sub(cur.CheckedAt) < u.tagTTL {
+			return tagResult{entry: cur, held: true, hit: true}, nil
+		}
 		return u.revalidateTag(ctx, key, old, found, fresh, head)
 	})
 	if err != nil {
@@ -371,6 +383,8 @@ func (u *upstreamState) resolveTag(ctx context.Context, key cache.TagKey, head b
 	}
 	r := v.(tagResult)
 	switch {
+	case r.hit:
+		return r, "hit", nil
 	case shared:
 		return r, "coalesced", nil
 	case r.revalidated:
