@@ -130,10 +130,12 @@ func (u *upstreamState) getManifest(ctx context.Context, repo string, d digest.D
 		case !errors.Is(err, cache.ErrNotFound):
 			return manifestInfo{}, "", err
 		}
-	} else if m, ok, err := u.confirmStored(ctx, repo, d); err != nil {
-		return manifestInfo{}, "", err
-	} else if ok {
-		return manifestInfo{Manifest: m}, "revalidated", nil
+	} else if !o.noFetch {
+		if m, ok, err := u.confirmStored(ctx, repo, d); err != nil {
+			return manifestInfo{}, "", err
+		} else if ok {
+			return manifestInfo{Manifest: m}, "revalidated", nil
+		}
 	}
 	switch {
 	case o.noFetch:
