@@ -74,6 +74,16 @@ func serveFakeReferrers(reg *registrytest.Registry, repo string, subject digest.
 	return f
 }
 
+// missingReferrers are n well-formed fallback index entries naming
+// manifests that exist nowhere.
+func missingReferrers(n int) []v1.Descriptor {
+	var ds []v1.Descriptor
+	for i := range n {
+		ds = append(ds, v1.Descriptor{MediaType: v1.MediaTypeImageManifest, Digest: digest.FromString(strconv.Itoa(i)), Size: 100})
+	}
+	return ds
+}
+
 // Every listed referrer was verified: fetched, an OCI manifest with the
 // subject, described from its own bytes. Entries that do not exist, are
 // blobs, name another subject or are malformed are never listed, and cost
@@ -165,10 +175,7 @@ func TestProxy_Referrers_Amplification(t *testing.T) {
 	reg := registrytest.New(t)
 	e, _ := start(t, withUpstream(upstreamDef{name: "up.test", reg: reg, ttl: time.Minute}), withDefault("up.test"))
 	img := reg.PushImage(t, "app", "v1", 10)
-	var fallback []v1.Descriptor
-	for i := range 300 {
-		fallback = append(fallback, v1.Descriptor{MediaType: v1.MediaTypeImageManifest, Digest: digest.FromString(strconv.Itoa(i)), Size: 100})
-	}
+	fallback := missingReferrers(300)
 	var gets atomic.Int32
 	serveFakeReferrers(reg, "app", img.Digest, nil, fallback, func(w http.ResponseWriter, r *http.Request) bool {
 		if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/manifests/sha256:") {
@@ -204,10 +211,7 @@ func TestProxy_Referrers_FailingUpstreamRemembered(t *testing.T) {
 	reg := registrytest.New(t)
 	e, _ := start(t, withUpstream(upstreamDef{name: "up.test", reg: reg, ttl: time.Minute}), withDefault("up.test"))
 	img := reg.PushImage(t, "app", "v1", 10)
-	var fallback []v1.Descriptor
-	for i := range 50 {
-		fallback = append(fallback, v1.Descriptor{MediaType: v1.MediaTypeImageManifest, Digest: digest.FromString(strconv.Itoa(i)), Size: 100})
-	}
+	fallback := missingReferrers(50)
 	var gets atomic.Int32
 	serveFakeReferrers(reg, "app", img.Digest, nil, fallback, func(w http.ResponseWriter, r *http.Request) bool {
 		if strings.Contains(r.URL.Path, "/manifests/sha256:") {
@@ -241,10 +245,7 @@ func TestProxy_Referrers_WorkStopsWithTheClient(t *testing.T) {
 	reg := registrytest.New(t)
 	e, _ := start(t, withUpstream(upstreamDef{name: "up.test", reg: reg, ttl: time.Minute}), withDefault("up.test"))
 	img := reg.PushImage(t, "app", "v1", 10)
-	var fallback []v1.Descriptor
-	for i := range 50 {
-		fallback = append(fallback, v1.Descriptor{MediaType: v1.MediaTypeImageManifest, Digest: digest.FromString(strconv.Itoa(i)), Size: 100})
-	}
+	fallback := missingReferrers(50)
 	var started, cancelled atomic.Int32
 	serveFakeReferrers(reg, "app", img.Digest, nil, fallback, func(w http.ResponseWriter, r *http.Request) bool {
 		if strings.Contains(r.URL.Path, "/manifests/sha256:") {
