@@ -297,3 +297,47 @@ func TestProxy_Referrers_ConcurrentAnswers(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// ocimirror's own updates of upstream fallback indexes are serialized per
+// subject: one held up at the upstream does not hold up another subject's.
+func TestProxy_Referrers_FallbackUpdatesPerSubject(t *testing.T) {
+	fwd := registrytest.New(t)
+	e, _ := start(t, withUpstream(upstreamDef{name: "up.test", reg: fwd, forward: true}), withDefault("up.test"))
+	a := fwd.PushImage(t, "app", "a", 10)
+	b := fwd.PushImage(t, "app", "b", 10)
+	held := make(chan struct{})
+	release := make(chan struct{})
+	var once sync.Once
+	fwd.Intercept(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method == http.MethodPut && strings.HasSuffix(r.URL.Path, "/manifests/sha256-"+a.Digest.Encoded()) {
+			once.Do(func() { close(held) })
+			<-release
+		}
+		return false
+	})
+	// The artifacts' blobs first, then the manifests.
+	aData, aBlobs := registrytest.Artifact(a.Descriptor(), sigType, nil)
+	bData, bBlobs := registrytest.Artifact(b.Descriptor(), sigType, nil)
+	for _, blob := range append(aBlobs, bBlobs...) {
+		e.pushBlob("app", blob)
+	}
+	first := make(chan int, 1)
+	go func() {
+		req, _ := http.NewRequest(http.MethodPut, e.ts.URL+"/v2/app/manifests/"+digest.FromBytes(aData).String(), strings.NewReader(string(aData)))
+		req.Header.Set("Content-Type", v1.MediaTypeImageManifest)
+		resp, err := e.ts.Client().Do(req)
+		if err != nil {
+			first <- -1
+			return
+		}
+		resp.Body.Close()
+		first <- resp.StatusCode
+	}()
+	<-held
+	r := e.send(http.MethodPut, "/v2/app/manifests/"+digest.FromBytes(bData).String(), bData, "Content-Type: "+v1.MediaTypeImageManifest)
+	expect(t, "the other subject's attach while the first is held", r, 201, nil)
+	close(release)
+	if s := <-first; s != 201 {
+		t.Fatalf("the held attach: %d", s)
+	}
+}
