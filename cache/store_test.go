@@ -623,3 +623,44 @@ func TestLRU_ServesFromMemory(t *testing.T) {
 		t.Fatalf("tag from memory: %v", err)
 	}
 }
+
+// A store written by layout 1 (links of hosted repositories only, keyed
+// l<repo>0<kind><digest>) keeps its links after the migration to layout 2.
+func TestBadger_MigratesLayout1Links(t *testing.T) {
+	dir := t.TempDir()
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := digest.FromString("hosted layer")
+	old := append([]byte("lci/app\x00b"), d...)
+	if err := b.PutRaw(old, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.DeleteRaw([]byte("!schema")); err != nil {
+		t.Fatal(err)
+	}
+	b.Close()
+
+	b, err = cache.OpenBadger(cache.BadgerOptions{Path: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	o, ok, err := b.Linked(ctx, cache.RepoKey{Repo: "ci/app"}, cache.LinkBlob, d)
+	if err != nil || !ok || o != cache.OriginPushed {
+		t.Fatalf("migrated link: %c %v %v", o, ok, err)
+	}
+	if n := b.KeyCount(old); n != 0 {
+		t.Fatal("the layout 1 key is still there")
+	}
+	// A newer layout is refused rather than misread.
+	if err := b.PutRaw([]byte("!schema"), []byte{99}); err != nil {
+		t.Fatal(err)
+	}
+	b.Close()
+	if b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir}); err == nil {
+		b.Close()
+		t.Fatal("a store of a newer layout opened")
+	}
+}
