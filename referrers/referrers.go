@@ -5,6 +5,7 @@
 package referrers
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -127,10 +128,14 @@ func Page(ds []v1.Descriptor, after string, limit int) (body []byte, next string
 		if err != nil {
 			return nil, "", err
 		}
-		if size+len(b)+1 > limit {
+		add := len(b)
+		if n > 0 {
+			add++ // the comma before it
+		}
+		if size+add > limit {
 			break
 		}
-		size += len(b) + 1
+		size += add
 	}
 	if n == 0 {
 		return nil, "", fmt.Errorf("referrers: one descriptor is larger than %d bytes", limit)
@@ -154,6 +159,10 @@ func encode(ds []v1.Descriptor) ([]byte, error) {
 // or a fallback tag index) as the upstream wrote them: each is only a
 // candidate, to be checked before it is listed.
 func ParseIndex(data []byte) ([]v1.Descriptor, error) {
+	// JSON null decodes into a struct without error: it is no index.
+	if t := bytes.TrimLeft(data, " \t\r\n"); len(t) == 0 || t[0] != '{' {
+		return nil, fmt.Errorf("%w: not a JSON object", ErrNotIndex)
+	}
 	var idx struct {
 		MediaType string          `json:"mediaType"`
 		Manifests []v1.Descriptor `json:"manifests"`
