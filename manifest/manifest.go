@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"mime"
+	"strings"
 
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
@@ -112,12 +113,51 @@ type raw struct {
 	Annotations   map[string]string `json:"annotations"`
 }
 
+// fields are the names of raw's fields.
+var fields = []string{"schemaVersion", "mediaType", "artifactType", "config", "layers", "manifests", "subject", "annotations"}
+
+// duplicateField returns a field of raw that the JSON object data (valid
+// JSON) names more than once, "" when none is. encoding/json matches names
+// case-insensitively and keeps the last value (merging objects, and
+// leaving a string as it was for null), other readers keep the first or
+// compare names exactly: with a name given twice, readers disagree on what
+// the manifest is, even on whether it is an index.
+func duplicateField(data []byte) string {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if _, err := dec.Token(); err != nil {
+		return ""
+	}
+	seen := make([]bool, len(fields))
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return ""
+		}
+		name, _ := tok.(string)
+		for i, f := range fields {
+			if strings.EqualFold(name, f) {
+				if seen[i] {
+					return f
+				}
+				seen[i] = true
+			}
+		}
+		var skip json.RawMessage
+		if err := dec.Decode(&skip); err != nil {
+			return ""
+		}
+	}
+	return ""
+}
+
 // Parse checks that data is a manifest of media type mt and reads it:
 // a JSON object with schemaVersion 2; a mediaType field, where present,
 // equal to mt (required for Docker's types); the fields of its kind (an
 // index's manifests, an image manifest's config with a valid digest), and
 // not the other kind's (an ambiguous manifest is refused, as the OCI
-// advisory GHSA-77vh-xpmg-72qh asks).
+// advisory GHSA-77vh-xpmg-72qh asks). For the same reason none of these
+// fields may be given twice, whatever the case of its name: JSON readers
+// differ on which one counts.
 //
 // The descriptors an index or manifest lists are the upstream's business
 // and are not judged here: a mirror keeps an image it cannot fully read.
@@ -136,6 +176,9 @@ func Parse(mt string, data []byte) (*Manifest, error) {
 	var r raw
 	if err := json.Unmarshal(data, &r); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	if f := duplicateField(data); f != "" {
+		return nil, fmt.Errorf("%w: field %s given more than once", ErrInvalid, f)
 	}
 	if r.SchemaVersion == nil || *r.SchemaVersion != 2 {
 		return nil, fmt.Errorf("%w: schemaVersion is not 2", ErrInvalid)
