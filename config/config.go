@@ -458,11 +458,15 @@ func (u *Upstream) validate(field string) error {
 			u.URL = "https://registry-1.docker.io"
 		}
 	}
+	// A base URL: the client appends /v2/..., so a query or a fragment
+	// (even an empty one) would swallow the path.
 	p, err := url.Parse(u.URL)
-	if err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" || p.RawQuery != "" {
+	if err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Hostname() == "" || strings.ContainsAny(u.URL, "?#") {
 		return fmt.Errorf("%s.url: %q is not an http:// or https:// registry URL", field, u.URL)
 	}
-	u.URL = strings.TrimSuffix(u.URL, "/")
+	// url.Parse takes the scheme in any case; write it in lower case, and
+	// without trailing slashes, so that validating again changes nothing.
+	u.URL = p.Scheme + strings.TrimRight(u.URL[len(p.Scheme):], "/")
 	if err := u.TagTTL.parse(field + ".tagTTL"); err != nil {
 		return err
 	}
