@@ -3,6 +3,7 @@ package proxy
 import (
 	"net/http"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/gorilla/mux"
 	"github.com/opencontainers/go-digest"
@@ -95,7 +96,7 @@ func (s *Server) route(rawName string, up *upstreamState) (src source, name, pre
 		src = s.hosted
 	default:
 		if host, rest, ok := strings.Cut(name, "/"); ok {
-			if u := s.upstreamByHost(host); u != nil && strings.EqualFold(host, u.name) {
+			if u := s.upstreamByHost(host); u != nil && strings.ToLower(host) == u.name {
 				up, prefix, name = u, host, rest
 			}
 		}
@@ -139,6 +140,9 @@ func (s *Server) isHosted(name string) bool {
 func (s *Server) upstreamByHost(host string) *upstreamState {
 	if up := s.upstreams[host]; up != nil {
 		return up
+	}
+	if strings.IndexFunc(host, func(r rune) bool { return r >= utf8.RuneSelf }) >= 0 {
+		return nil // only ASCII folds: no lookalike letter reaches an upstream
 	}
 	h := strings.ToLower(host)
 	if up := s.upstreams[h]; up != nil {

@@ -231,3 +231,15 @@ func TestProxy_Route_CaseAndDigestMessages(t *testing.T) {
 		t.Fatalf("malformed digest: %d %s", r.status, r.body)
 	}
 }
+
+func TestProxy_Route_LookalikeHostIsNoUpstream(t *testing.T) {
+	up := registrytest.New(t)
+	e, _ := start(t, withUpstream(upstreamDef{name: "dock.test", reg: up}), withDefault("dock.test"))
+	// U+212A KELVIN SIGN lower-cases to an ASCII k.
+	if r := e.get("/v2/app/manifests/v1?ns=doc\u212A.test"); r.status != 404 || errorCode(t, r.body) != "NAME_UNKNOWN" {
+		t.Fatalf("lookalike ns: %d %s", r.status, r.body)
+	}
+	if n := up.Total(); n != 0 {
+		t.Fatalf("%d upstream requests", n)
+	}
+}
