@@ -186,7 +186,8 @@ func (u *upstreamState) confirmStored(ctx context.Context, repo string, d digest
 }
 
 // confirm asks the upstream with a HEAD whether repo holds d, and links it
-// when it does. Concurrent confirmations share the HEAD.
+// when it does; size, when known (not -1), must match the upstream's.
+// Concurrent confirmations share the HEAD.
 func (u *upstreamState) confirm(ctx context.Context, repo string, kind cache.LinkKind, d digest.Digest, size int64) error {
 	key := "c\x00" + string(kind) + "\x00" + u.name + "\x00" + repo + "\x00" + d.String()
 	_, err, _ := u.s.flightDo(ctx, key, func(ctx context.Context) (any, error) {
@@ -204,7 +205,7 @@ func (u *upstreamState) confirm(ctx context.Context, repo string, kind cache.Lin
 		if got := resp.Header.Get(HeaderContentDigest); got != "" && got != d.String() {
 			return nil, fmt.Errorf("%w: HEAD %s answered digest %s", upstream.ErrInvalidResponse, d, got)
 		}
-		if resp.StatusCode != http.StatusOK || resp.ContentLength >= 0 && resp.ContentLength != size {
+		if resp.StatusCode != http.StatusOK || size >= 0 && resp.ContentLength >= 0 && resp.ContentLength != size {
 			return nil, fmt.Errorf("%w: HEAD %s answered %d with length %d, stored %d", upstream.ErrInvalidResponse, d, resp.StatusCode, resp.ContentLength, size)
 		}
 		k := cache.RepoKey{Upstream: u.name, Repo: repo}

@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"bytes"
 	"encoding/json"
+	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -240,6 +241,47 @@ func TestProxy_Route_LookalikeHostIsNoUpstream(t *testing.T) {
 		t.Fatalf("lookalike ns: %d %s", r.status, r.body)
 	}
 	if n := up.Total(); n != 0 {
+		t.Fatalf("%d upstream requests", n)
+	}
+}
+
+// A client of another repository joining a fill in progress streams it
+// after one HEAD confirms its repository holds the blob: still one GET.
+func TestProxy_Scope_JoinAnotherRepositorysFill(t *testing.T) {
+	e, reg := start(t)
+	img := reg.PushImage(t, "team/a", "v1", 1<<20)
+	d, layer := img.LayerDigests[0], img.Layers[0]
+	release := holdBlob(reg, d, layer, 1000)
+	defer release()
+	first := make(chan response, 1)
+	go func() {
+		resp, err := http.Get(e.ts.URL + "/v2/team/a/blobs/" + d.String())
+		if err != nil {
+			first <- response{err: err}
+			return
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		first <- response{status: resp.StatusCode, body: b, err: err}
+	}()
+	waitFor(t, "the fill", func() bool { return reg.Count(http.MethodGet, "blobs") == 1 })
+	second := make(chan response, 1)
+	go func() { second <- e.get("/v2/team/b/blobs/" + d.String()) }()
+	waitFor(t, "the second repository's HEAD", func() bool { return reg.Count(http.MethodHead, "blobs") == 1 })
+	release()
+	for _, ch := range []chan response{first, second} {
+		r := <-ch
+		if r.err != nil || r.status != 200 || !bytes.Equal(r.body, layer) {
+			t.Fatalf("client: %d %v", r.status, r.err)
+		}
+	}
+	if g := reg.Count(http.MethodGet, "blobs"); g != 1 {
+		t.Fatalf("%d upstream GETs", g)
+	}
+	// Both repositories now hold it.
+	reg.ResetCounts()
+	expect(t, "b again", e.get("/v2/team/b/blobs/"+d.String()), 200, layer)
+	if n := reg.Total(); n != 0 {
 		t.Fatalf("%d upstream requests", n)
 	}
 }
