@@ -3,13 +3,14 @@ package cache
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
+	"io/fs"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,9 +23,7 @@ import (
 
 // Key layout. Every key starts with a one-byte kind.
 //
-//	b<digest>                  blob metadata: fill ID, size, chunk size
-//	c<fill ID><chunk index>    blob bytes, one chunk
-//	p<fill ID>                 a fill not yet committed (swept at open)
+//	b<digest>                  blob index: size (the bytes are a file, see files.go)
 //	a<digest>                  blob last access (unix seconds)
 //	m<digest>                  manifest: media type and bytes
 //	t<upstream>0<repo>0<tag>   tag entry
@@ -33,6 +32,9 @@ import (
 //	l<upstream>0<repo>0<kind><digest>   a repository's link to content it holds (origin)
 //	L<kind><digest>0<upstream>0<repo>   the same link, reversed: who holds a digest
 //	!schema                    the key layout's version
+//
+// Layout 1 (before blob files) also had c<fill ID><index> blob chunks and
+// p<fill ID> pending fills; see layout.go.
 const (
 	kindBlob     = 'b'
 	kindChunk    = 'c'
@@ -48,31 +50,31 @@ const (
 	encodingV1 = 1
 )
 
-// DefaultChunkSize is the size of one stored piece of a blob. Readers hold
-// at most one chunk in memory.
-const DefaultChunkSize = 256 << 10
-
-type fillID [16]byte
-
 // BadgerOptions configures OpenBadger.
 type BadgerOptions struct {
-	// Path is the database directory.
+	// Path is the data directory: the database in db/, blob files in
+	// blobs/ and tmp/.
 	Path string
 	// Logger receives Badger's warnings and the store's own.
 	Logger *slog.Logger
-	// ChunkSize is the blob chunk size for new blobs (DefaultChunkSize if 0).
-	ChunkSize int
 	// GCInterval is how often the value log is garbage collected (10m if 0).
 	GCInterval time.Duration
 	// AccessFlushInterval is how often last-access times are written (30s if 0).
 	AccessFlushInterval time.Duration
 }
 
-// Badger is the on-disk Store.
+// Badger is the on-disk Store: blob bytes in content-addressed files,
+// everything else (the blob index, manifests, tags, referrers, links) in a
+// Badger database.
 type Badger struct {
-	db        *badger.DB
-	log       *slog.Logger
-	chunkSize int
+	db    *badger.DB
+	files *blobFiles
+	log   *slog.Logger
+
+	// blobBytes is the size of every committed blob file.
+	blobBytes atomic.Int64
+	// commitLocks serialize the commits of one digest (by its first byte).
+	commitLocks [64]sync.Mutex
 
 	accessMu sync.Mutex
 	accessed map[digest.Digest]int64
@@ -86,14 +88,13 @@ var (
 	_ Toucher = (*Badger)(nil)
 )
 
-// OpenBadger opens (or creates) the store at opts.Path and discards what
-// unfinished fills left behind.
+// OpenBadger opens (or creates) the store at opts.Path. A data directory
+// of the chunked layout is migrated first; then what unfinished writers
+// left behind is discarded, and the blob index is checked against the
+// files.
 func OpenBadger(opts BadgerOptions) (*Badger, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
-	}
-	if opts.ChunkSize <= 0 {
-		opts.ChunkSize = DefaultChunkSize
 	}
 	if opts.GCInterval <= 0 {
 		opts.GCInterval = 10 * time.Minute
@@ -101,22 +102,35 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 	if opts.AccessFlushInterval <= 0 {
 		opts.AccessFlushInterval = 30 * time.Second
 	}
-	db, err := badger.Open(badgerOptions(opts))
+	files, err := newBlobFiles(opts.Path)
+	if err != nil {
+		return nil, err
+	}
+	if err := migrateChunkedLayout(opts, files); err != nil {
+		return nil, err
+	}
+	db, err := badger.Open(badgerOptions(opts, filepath.Join(opts.Path, "db")))
 	if err != nil {
 		return nil, fmt.Errorf("cache: open %s: %w", opts.Path, err)
 	}
 	s := &Badger{
-		db:        db,
-		log:       opts.Logger,
-		chunkSize: opts.ChunkSize,
-		accessed:  map[digest.Digest]int64{},
-		stop:      make(chan struct{}),
+		db:       db,
+		files:    files,
+		log:      opts.Logger,
+		accessed: map[digest.Digest]int64{},
+		stop:     make(chan struct{}),
 	}
 	if err := s.migrate(); err != nil {
 		db.Close()
 		return nil, err
 	}
-	if err := s.sweepPending(); err != nil {
+	if n, err := files.sweepTemp(); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("cache: sweep unfinished blobs: %w", err)
+	} else if n > 0 {
+		s.log.Info("discarded unfinished blob writes", "count", n)
+	}
+	if err := s.checkBlobs(); err != nil {
 		db.Close()
 		return nil, err
 	}
@@ -126,12 +140,13 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 	return s, nil
 }
 
-// badgerOptions sizes Badger for a proxy: blob chunks go to the value log
-// (memory-mapped files, page cache rather than heap), the LSM tree holds only
-// keys and small values, and the memtables are small. Badger's defaults
-// (64 MiB memtables x 5, 256 MiB block cache) are for a database server.
-func badgerOptions(o BadgerOptions) badger.Options {
-	return badger.DefaultOptions(o.Path).
+// badgerOptions sizes Badger for a proxy's metadata: the LSM tree holds
+// keys and small values, manifests go to the value log (memory-mapped
+// files, page cache rather than heap), and the memtables are small.
+// Badger's defaults (64 MiB memtables x 5, 256 MiB block cache) are for a
+// database server.
+func badgerOptions(o BadgerOptions, dir string) badger.Options {
+	return badger.DefaultOptions(dir).
 		WithLogger(badgerLogger{o.Logger}).
 		WithMemTableSize(8 << 20).
 		WithNumMemtables(2).
@@ -181,31 +196,6 @@ func (s *Badger) gcValueLog() {
 	}
 }
 
-// sweepPending deletes the chunks of fills that never committed: a crash or
-// kill mid-fill leaves them behind, invisible but taking space.
-func (s *Badger) sweepPending() error {
-	var ids []fillID
-	err := s.scan([]byte{kindPending}, false, func(key, _ []byte) error {
-		var id fillID
-		if copy(id[:], key[1:]) == len(id) {
-			ids = append(ids, id)
-		}
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("cache: sweep unfinished fills: %w", err)
-	}
-	for _, id := range ids {
-		if err := s.deleteFill(id); err != nil {
-			return fmt.Errorf("cache: sweep unfinished fills: %w", err)
-		}
-	}
-	if len(ids) > 0 {
-		s.log.Info("discarded unfinished blob fills", "count", len(ids))
-	}
-	return nil
-}
-
 // get calls f with the value of key, valid only during the call; a
 // missing key is ErrNotFound.
 func (s *Badger) get(key []byte, f func(value []byte) error) error {
@@ -244,129 +234,176 @@ func (s *Badger) scan(prefix []byte, withValues bool, f func(key, value []byte) 
 	})
 }
 
-// deleteFill deletes every chunk of a fill and its pending marker.
-func (s *Badger) deleteFill(id fillID) error {
-	var keys [][]byte
-	err := s.scan(append([]byte{kindChunk}, id[:]...), false, func(key, _ []byte) error {
-		keys = append(keys, bytes.Clone(key))
-		return nil
-	})
-	if err != nil {
-		return err
-	}
-	wb := s.db.NewWriteBatch()
-	defer wb.Cancel()
-	for _, k := range keys {
-		if err := wb.Delete(k); err != nil {
-			return err
-		}
-	}
-	if err := wb.Delete(pendingKey(id)); err != nil {
-		return err
-	}
-	return wb.Flush()
-}
-
 // --- blobs ---
 
-type blobMeta struct {
-	fill      fillID
-	size      int64
-	chunkSize int64
+// blobEncodingV2 is a blob index entry of the file layout: its size. (In
+// layout 1 an entry named the chunks holding the bytes; see layout.go.)
+const blobEncodingV2 = 2
+
+func encodeBlobSize(size int64) []byte {
+	return binary.AppendUvarint([]byte{blobEncodingV2}, uint64(size))
 }
 
-func (m blobMeta) encode() []byte {
-	b := make([]byte, 0, 1+16+2*binary.MaxVarintLen64)
-	b = append(b, encodingV1)
-	b = append(b, m.fill[:]...)
-	b = binary.AppendUvarint(b, uint64(m.size))
-	return binary.AppendUvarint(b, uint64(m.chunkSize))
-}
-
-func decodeBlobMeta(b []byte) (blobMeta, error) {
-	var m blobMeta
-	if len(b) < 1+len(m.fill) || b[0] != encodingV1 {
-		return m, ErrCorrupt
+func decodeBlobSize(v []byte) (int64, error) {
+	if len(v) < 2 || v[0] != blobEncodingV2 {
+		return 0, ErrCorrupt
 	}
-	copy(m.fill[:], b[1:])
-	r := b[1+len(m.fill):]
-	size, n := binary.Uvarint(r)
+	size, n := binary.Uvarint(v[1:])
 	if n <= 0 {
-		return m, ErrCorrupt
+		return 0, ErrCorrupt
 	}
-	chunk, n2 := binary.Uvarint(r[n:])
-	if n2 <= 0 || chunk == 0 {
-		return m, ErrCorrupt
-	}
-	m.size, m.chunkSize = int64(size), int64(chunk)
-	return m, nil
+	return int64(size), nil
 }
 
 func blobKey(d digest.Digest) []byte { return append([]byte{kindBlob}, d...) }
 func accessKey(d digest.Digest) []byte {
 	return append([]byte{kindAccess}, d...)
 }
-func pendingKey(id fillID) []byte { return append([]byte{kindPending}, id[:]...) }
-
-func chunkKey(id fillID, idx int64) []byte {
-	k := make([]byte, 1+len(id)+4)
-	k[0] = kindChunk
-	copy(k[1:], id[:])
-	binary.BigEndian.PutUint32(k[1+len(id):], uint32(idx))
-	return k
-}
-
-func (s *Badger) blobMeta(d digest.Digest) (blobMeta, error) {
-	var m blobMeta
-	err := s.get(blobKey(d), func(v []byte) error {
-		var err error
-		m, err = decodeBlobMeta(v)
-		return err
-	})
-	return m, err
-}
 
 // StatBlob implements BlobStore.
 func (s *Badger) StatBlob(_ context.Context, d digest.Digest) (BlobInfo, error) {
-	m, err := s.blobMeta(d)
+	var size int64
+	err := s.get(blobKey(d), func(v []byte) error {
+		var err error
+		size, err = decodeBlobSize(v)
+		return err
+	})
 	if err != nil {
 		return BlobInfo{}, err
 	}
-	return BlobInfo{Digest: d, Size: m.size}, nil
+	return BlobInfo{Digest: d, Size: size}, nil
 }
 
-// OpenBlob implements BlobStore.
-func (s *Badger) OpenBlob(_ context.Context, d digest.Digest) (BlobReader, error) {
-	m, err := s.blobMeta(d)
+// OpenBlob implements BlobStore: the blob's file, open. A blob whose file
+// is gone is not found.
+func (s *Badger) OpenBlob(ctx context.Context, d digest.Digest) (BlobReader, error) {
+	info, err := s.StatBlob(ctx, d)
 	if err != nil {
 		return nil, err
 	}
-	return &chunkReader{db: s.db, fill: m.fill, chunk: m.chunkSize, size: func() int64 { return m.size }}, nil
+	f, err := s.files.open(d)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("cache: open blob %s: %w", d, err)
+	}
+	return fileReader{f: f, size: info.Size}, nil
 }
 
-// DeleteBlob implements BlobStore.
-func (s *Badger) DeleteBlob(_ context.Context, d digest.Digest) error {
-	m, err := s.blobMeta(d)
+// CreateBlob implements BlobStore: a temporary file.
+func (s *Badger) CreateBlob(context.Context) (BlobWriter, error) {
+	f, err := s.files.create()
+	if err != nil {
+		return nil, fmt.Errorf("cache: create blob: %w", err)
+	}
+	return &fileWriter{s: s, f: f}, nil
+}
+
+// commitFile puts a verified temporary file in place as blob d and indexes
+// it, unless d is committed already.
+func (s *Badger) commitFile(f *os.File, d digest.Digest, size int64) error {
+	mu := &s.commitLocks[d.Encoded()[0]%byte(len(s.commitLocks))]
+	mu.Lock()
+	defer mu.Unlock()
+	if _, err := s.StatBlob(context.Background(), d); err == nil {
+		return nil // another writer's copy stays; this one goes at Close
+	} else if !errors.Is(err, ErrNotFound) {
+		return err
+	}
+	if err := s.files.place(f, d); err != nil {
+		return err
+	}
+	if err := s.db.Update(func(txn *badger.Txn) error { return txn.Set(blobKey(d), encodeBlobSize(size)) }); err != nil {
+		return err
+	}
+	s.blobBytes.Add(size)
+	return nil
+}
+
+// DeleteBlob implements BlobStore: the index entry goes, then the file.
+// Readers that have the file open read on.
+func (s *Badger) DeleteBlob(ctx context.Context, d digest.Digest) error {
+	mu := &s.commitLocks[d.Encoded()[0]%byte(len(s.commitLocks))]
+	mu.Lock()
+	defer mu.Unlock()
+	info, err := s.StatBlob(ctx, d)
 	if errors.Is(err, ErrNotFound) {
 		return nil
 	}
 	if err != nil {
 		return err
 	}
-	// Unpublish first, then drop the chunks as an unfinished fill would be.
 	err = s.db.Update(func(txn *badger.Txn) error {
 		if err := txn.Delete(blobKey(d)); err != nil {
 			return err
 		}
-		if err := txn.Delete(accessKey(d)); err != nil {
-			return err
-		}
-		return txn.Set(pendingKey(m.fill), nil)
+		return txn.Delete(accessKey(d))
 	})
 	if err != nil {
 		return err
 	}
-	return s.deleteFill(m.fill)
+	s.blobBytes.Add(-info.Size)
+	return s.files.remove(d)
+}
+
+// BlobBytes is the size of the committed blob files.
+func (s *Badger) BlobBytes() int64 { return s.blobBytes.Load() }
+
+// checkBlobs holds the blob index and the files to each other at start: an
+// entry whose file is missing is dropped, a file without an entry (a crash
+// between the rename and the index write, or a stray) is removed, and the
+// byte count is taken from what remains.
+func (s *Badger) checkBlobs() error {
+	var missing [][]byte
+	var total int64
+	err := s.scan([]byte{kindBlob}, true, func(key, v []byte) error {
+		d := digest.Digest(key[1:])
+		size, err := decodeBlobSize(v)
+		if err == nil && d.Validate() == nil {
+			if info, err := os.Stat(s.files.path(d)); err == nil && info.Size() == size {
+				total += size
+				return nil
+			}
+		}
+		missing = append(missing, bytes.Clone(key))
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("cache: check blobs: %w", err)
+	}
+	if len(missing) > 0 {
+		wb := s.db.NewWriteBatch()
+		defer wb.Cancel()
+		for _, k := range missing {
+			if err := wb.Delete(k); err != nil {
+				return err
+			}
+		}
+		if err := wb.Flush(); err != nil {
+			return fmt.Errorf("cache: check blobs: %w", err)
+		}
+		s.log.Warn("blob index entries without their file dropped", "count", len(missing))
+	}
+	var strays, strayBytes int64
+	err = s.files.walk(func(path string, d digest.Digest, size int64) error {
+		if d != "" {
+			if _, err := s.StatBlob(context.Background(), d); err == nil {
+				return nil
+			}
+		}
+		strays++
+		strayBytes += size
+		return os.Remove(path)
+	})
+	if err != nil {
+		return fmt.Errorf("cache: check blob files: %w", err)
+	}
+	if strays > 0 {
+		s.log.Warn("blob files without an index entry removed", "count", strays, "bytes", strayBytes)
+	}
+	s.blobBytes.Store(total)
+	return nil
 }
 
 // Touch implements Toucher. Times are kept in memory and written in batches,
@@ -418,270 +455,6 @@ func (s *Badger) LastAccess(d digest.Digest) time.Time {
 		return time.Time{}
 	}
 	return time.Unix(t, 0)
-}
-
-// chunkReader reads a blob's chunks. size is a function so that the same
-// reader serves a blob still being written.
-type chunkReader struct {
-	db    *badger.DB
-	fill  fillID
-	chunk int64
-	size  func() int64
-}
-
-func (r *chunkReader) Size() int64 { return r.size() }
-
-func (r *chunkReader) ReadAt(p []byte, off int64) (int, error) {
-	size := r.size()
-	if off < 0 {
-		return 0, fmt.Errorf("cache: negative offset %d", off)
-	}
-	if off >= size {
-		return 0, io.EOF
-	}
-	want := len(p)
-	if rest := size - off; int64(want) > rest {
-		want = int(rest)
-	}
-	n := 0
-	err := r.db.View(func(txn *badger.Txn) error {
-		for n < want {
-			idx, within := off/r.chunk, off%r.chunk
-			item, err := txn.Get(chunkKey(r.fill, idx))
-			if err != nil {
-				if errors.Is(err, badger.ErrKeyNotFound) {
-					return fmt.Errorf("%w: chunk %d of a blob is missing", ErrCorrupt, idx)
-				}
-				return err
-			}
-			err = item.Value(func(v []byte) error {
-				if within >= int64(len(v)) {
-					return fmt.Errorf("%w: chunk %d is %d bytes", ErrCorrupt, idx, len(v))
-				}
-				c := copy(p[n:want], v[within:])
-				n += c
-				off += int64(c)
-				return nil
-			})
-			if err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return n, err
-	}
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
-}
-
-// CreateBlob implements BlobStore.
-func (s *Badger) CreateBlob(_ context.Context) (BlobWriter, error) {
-	w := &badgerWriter{s: s}
-	if _, err := rand.Read(w.fill[:]); err != nil {
-		return nil, err
-	}
-	w.reader = chunkReader{db: s.db, fill: w.fill, chunk: int64(s.chunkSize), size: w.inChunks}
-	stamp := binary.BigEndian.AppendUint64(nil, uint64(time.Now().Unix()))
-	if err := s.db.Update(func(txn *badger.Txn) error { return txn.Set(pendingKey(w.fill), stamp) }); err != nil {
-		return nil, fmt.Errorf("cache: create blob: %w", err)
-	}
-	return w, nil
-}
-
-// badgerWriter writes a blob as chunks. Whole chunks go to Badger; the
-// tail is held in buf, or, while parked, written as a partial chunk.
-// Readers may read everything written, tail included, concurrently.
-type badgerWriter struct {
-	s      *Badger
-	fill   fillID
-	reader chunkReader
-	done   atomic.Bool
-
-	mu      sync.RWMutex // guards buf's bytes against concurrent readers
-	buf     []byte
-	next    int64        // index of the chunk buf will become
-	flushed atomic.Int64 // bytes in whole chunks
-	parked  atomic.Int64 // bytes of the tail written as a partial chunk
-}
-
-var _ Parker = (*badgerWriter)(nil)
-
-// inChunks is how many bytes the chunks in Badger hold.
-func (w *badgerWriter) inChunks() int64 { return w.flushed.Load() + w.parked.Load() }
-
-func (w *badgerWriter) Write(p []byte) (int, error) {
-	if w.done.Load() {
-		return 0, ErrWriterDone
-	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if err := w.unpark(); err != nil {
-		return 0, err
-	}
-	if w.buf == nil && len(p) > 0 {
-		// Allocated at the first byte: an upload session that sends nothing costs no chunk.
-		w.buf = make([]byte, 0, w.s.chunkSize)
-	}
-	n := 0
-	for len(p) > 0 {
-		c := copy(w.buf[len(w.buf):cap(w.buf)], p)
-		w.buf = w.buf[:len(w.buf)+c]
-		p, n = p[c:], n+c
-		if len(w.buf) == cap(w.buf) {
-			if err := w.flush(); err != nil {
-				return n, err
-			}
-		}
-	}
-	return n, nil
-}
-
-// flush writes buf as the next chunk. The caller holds mu.
-func (w *badgerWriter) flush() error {
-	if len(w.buf) == 0 {
-		return nil
-	}
-	key := chunkKey(w.fill, w.next)
-	if err := w.s.db.Update(func(txn *badger.Txn) error { return txn.Set(key, w.buf) }); err != nil {
-		return fmt.Errorf("cache: write blob chunk: %w", err)
-	}
-	w.next++
-	w.flushed.Add(int64(len(w.buf)))
-	w.buf = w.buf[:0]
-	return nil
-}
-
-// Park implements Parker: the tail is written as a partial chunk and the
-// buffer released, so an idle upload session holds no memory.
-func (w *badgerWriter) Park() error {
-	if w.done.Load() {
-		return ErrWriterDone
-	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if len(w.buf) == 0 {
-		w.buf = nil
-		return nil
-	}
-	key := chunkKey(w.fill, w.next)
-	if err := w.s.db.Update(func(txn *badger.Txn) error { return txn.Set(key, w.buf) }); err != nil {
-		return fmt.Errorf("cache: park blob tail: %w", err)
-	}
-	w.parked.Store(int64(len(w.buf)))
-	w.buf = nil
-	return nil
-}
-
-// unpark reads a parked tail back into a buffer. The caller holds mu.
-func (w *badgerWriter) unpark() error {
-	n := w.parked.Load()
-	if n == 0 {
-		return nil
-	}
-	buf := make([]byte, n, w.s.chunkSize)
-	if _, err := w.reader.ReadAt(buf, w.flushed.Load()); err != nil && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("cache: unpark blob tail: %w", err)
-	}
-	w.buf = buf
-	w.parked.Store(0)
-	return nil
-}
-
-func (w *badgerWriter) Size() int64 {
-	w.mu.RLock()
-	defer w.mu.RUnlock()
-	return w.inChunks() + int64(len(w.buf))
-}
-
-// ReadAt reads what has been written: chunks from Badger, the tail from
-// the buffer. Any goroutine may call it while another writes.
-func (w *badgerWriter) ReadAt(p []byte, off int64) (int, error) {
-	n := 0
-	for n < len(p) {
-		w.mu.RLock()
-		inChunks := w.inChunks()
-		if off >= inChunks {
-			tail := off - inChunks
-			if tail >= int64(len(w.buf)) {
-				w.mu.RUnlock()
-				return n, io.EOF
-			}
-			n += copy(p[n:], w.buf[tail:])
-			w.mu.RUnlock()
-			if n < len(p) {
-				return n, io.EOF
-			}
-			return n, nil
-		}
-		w.mu.RUnlock()
-		// Chunks below inChunks never change until the writer ends.
-		want := min(int64(len(p)-n), inChunks-off)
-		m, err := w.reader.ReadAt(p[n:n+int(want)], off)
-		n, off = n+m, off+int64(m)
-		if err != nil && !errors.Is(err, io.EOF) {
-			return n, err
-		}
-		if m == 0 {
-			return n, io.EOF
-		}
-	}
-	return n, nil
-}
-
-func (w *badgerWriter) Commit(_ context.Context, d digest.Digest, size int64) error {
-	if w.done.Load() {
-		return ErrWriterDone
-	}
-	w.mu.Lock()
-	err := w.unpark()
-	if err == nil {
-		err = w.flush()
-	}
-	w.mu.Unlock()
-	if err != nil {
-		return err
-	}
-	if got := w.flushed.Load(); got != size {
-		return fmt.Errorf("cache: commit %s: wrote %d bytes, want %d", d, got, size)
-	}
-	meta := blobMeta{fill: w.fill, size: size, chunkSize: int64(w.s.chunkSize)}.encode()
-	err = w.s.db.Update(func(txn *badger.Txn) error {
-		if _, err := txn.Get(blobKey(d)); err == nil {
-			// Already committed by another writer: keep that one. This
-			// writer's chunks stay readable for its followers and are
-			// swept at the next open, as the pending marker remains.
-			return nil
-		} else if !errors.Is(err, badger.ErrKeyNotFound) {
-			return err
-		}
-		if err := txn.Set(blobKey(d), meta); err != nil {
-			return err
-		}
-		return txn.Delete(pendingKey(w.fill))
-	})
-	if err != nil {
-		return fmt.Errorf("cache: commit %s: %w", d, err)
-	}
-	w.done.Store(true)
-	w.mu.Lock()
-	w.buf = nil
-	w.mu.Unlock()
-	w.s.Touch(d)
-	return nil
-}
-
-func (w *badgerWriter) Cancel(_ context.Context) error {
-	if w.done.Swap(true) {
-		return nil
-	}
-	w.mu.Lock()
-	w.buf = nil
-	w.mu.Unlock()
-	return w.s.deleteFill(w.fill)
 }
 
 // --- manifests ---

@@ -10,6 +10,7 @@ package cache
 import (
 	"context"
 	"io"
+	"os"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -45,34 +46,37 @@ type BlobStore interface {
 	DeleteBlob(ctx context.Context, d digest.Digest) error
 }
 
-// BlobReader reads a committed blob, or the flushed part of a blob being
-// written. Reads may run concurrently.
+// BlobReader reads a committed blob. Reads may run concurrently. A reader
+// is closed when done; the blob's removal meanwhile does not cut it.
 type BlobReader interface {
 	io.ReaderAt
+	io.Closer
 	// Size is the blob's length.
 	Size() int64
 }
 
+// FileBlob is a BlobReader backed by a file, which a server can send with
+// zero copy. Its offset is the reader's own to move.
+type FileBlob interface {
+	OSFile() *os.File
+}
+
 // BlobWriter writes one blob. Write is called by one goroutine at a time;
 // ReadAt may be called by any goroutine concurrently, for everything
-// written so far (Size bytes).
+// written so far (Size bytes), also after Commit (followers of a fill read
+// on) and until Close.
 type BlobWriter interface {
 	io.Writer
 	io.ReaderAt
+	io.Closer
 	// Size is how many bytes were written.
 	Size() int64
 	// Commit makes the blob visible under d. The caller has verified that
 	// the bytes written have digest d and length size.
 	Commit(ctx context.Context, d digest.Digest, size int64) error
-	// Cancel discards everything written. It is a no-op after Commit.
+	// Cancel discards everything written and releases the writer. It is a
+	// no-op after Commit.
 	Cancel(ctx context.Context) error
-}
-
-// Parker is a BlobWriter that can give its memory back between writes (an
-// upload session waiting for its next chunk).
-type Parker interface {
-	// Park stores what is buffered; the next Write picks it up again.
-	Park() error
 }
 
 // Toucher records that a blob was served; stores that keep last access

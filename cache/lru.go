@@ -168,14 +168,6 @@ func (w *lruWriter) Commit(ctx context.Context, d digest.Digest, size int64) err
 	return w.c.blobs.write(d, nil, func() error { return w.BlobWriter.Commit(ctx, d, size) })
 }
 
-// Park implements Parker when the store's writer does.
-func (w *lruWriter) Park() error {
-	if p, ok := w.BlobWriter.(Parker); ok {
-		return p.Park()
-	}
-	return nil
-}
-
 // Link implements RepoLinks. The store decides the origin (an upstream
 // link is never downgraded), so the LRU learns it at the next read.
 func (c *LRU) Link(ctx context.Context, k RepoKey, kind LinkKind, d digest.Digest, origin LinkOrigin) error {

@@ -7,11 +7,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -21,7 +24,8 @@ import (
 	"github.com/ocimirror/ocimirror/cache"
 )
 
-// small chunks make every blob span several, so chunk edges are exercised.
+// testChunk sizes the test blobs: odd sizes around it exercise the edges
+// of reads.
 const testChunk = 1000
 
 type storeCase struct {
@@ -32,7 +36,7 @@ type storeCase struct {
 
 func stores() []storeCase {
 	openBadger := func(t *testing.T, dir string) (*cache.Badger, func()) {
-		b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir, ChunkSize: testChunk})
+		b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -434,42 +438,55 @@ func TestStore(t *testing.T) {
 				_ = w.Cancel(ctx)
 			})
 
-			t.Run("parked writer", func(t *testing.T) {
+			t.Run("a removed blob reads on", func(t *testing.T) {
 				s, closeFn := sc.open(t, t.TempDir())
 				defer closeFn()
-				data := randomBytes(3*testChunk + 10)
+				data := randomBytes(3*testChunk + 1)
+				d := writeBlob(t, s, data)
+				r, err := s.OpenBlob(ctx, d)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer r.Close()
+				if err := s.DeleteBlob(ctx, d); err != nil {
+					t.Fatal(err)
+				}
+				got, err := io.ReadAll(io.NewSectionReader(r, 0, r.Size()))
+				if err != nil || !bytes.Equal(got, data) {
+					t.Fatalf("an open reader lost its blob: %v", err)
+				}
+			})
+
+			t.Run("readers follow a commit", func(t *testing.T) {
+				s, closeFn := sc.open(t, t.TempDir())
+				defer closeFn()
+				data := randomBytes(2*testChunk + 7)
 				w, _ := s.CreateBlob(ctx)
-				p, ok := w.(cache.Parker)
-				if !ok {
-					t.Fatal("the writer cannot park")
-				}
-				// Park at every kind of edge: mid-chunk, on a chunk edge, twice in a row.
-				for i, piece := range [][]byte{data[:testChunk/2], data[testChunk/2 : testChunk], data[testChunk : 2*testChunk+7], data[2*testChunk+7:]} {
-					if _, err := w.Write(piece); err != nil {
-						t.Fatal(err)
-					}
-					if err := p.Park(); err != nil {
-						t.Fatal(err)
-					}
-					if i == 2 {
-						if err := p.Park(); err != nil {
-							t.Fatal(err)
-						}
-						got, err := io.ReadAll(io.NewSectionReader(w, 0, w.Size()))
-						if err != nil || !bytes.Equal(got, data[:2*testChunk+7]) {
-							t.Fatalf("read while parked: %v", err)
-						}
-					}
-				}
-				if w.Size() != int64(len(data)) {
-					t.Fatalf("size %d", w.Size())
-				}
+				_, _ = w.Write(data)
 				d := digest.FromBytes(data)
 				if err := w.Commit(ctx, d, int64(len(data))); err != nil {
 					t.Fatal(err)
 				}
+				// A follower still reading the fill reads on after the commit.
+				got, err := io.ReadAll(io.NewSectionReader(w, 0, w.Size()))
+				if err != nil || !bytes.Equal(got, data) {
+					t.Fatalf("read after commit: %v", err)
+				}
+				if err := w.Close(); err != nil {
+					t.Fatal(err)
+				}
 				if got := readBlob(t, s, d); !bytes.Equal(got, data) {
-					t.Fatal("parked blob differs")
+					t.Fatal("committed blob differs")
+				}
+				// A second writer of the same digest loses the race quietly.
+				w2, _ := s.CreateBlob(ctx)
+				_, _ = w2.Write(data)
+				if err := w2.Commit(ctx, d, int64(len(data))); err != nil {
+					t.Fatal(err)
+				}
+				_ = w2.Close()
+				if got := readBlob(t, s, d); !bytes.Equal(got, data) {
+					t.Fatal("blob differs after a lost race")
 				}
 			})
 
@@ -556,7 +573,7 @@ func TestBadger_KilledMidFill(t *testing.T) {
 	_ = cmd.Process.Kill()
 	_ = cmd.Wait()
 
-	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir, ChunkSize: testChunk})
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -568,15 +585,18 @@ func TestBadger_KilledMidFill(t *testing.T) {
 	if _, err := b.StatBlob(ctx, digest.Digest(filling)); !errors.Is(err, cache.ErrNotFound) {
 		t.Fatalf("blob killed mid-fill is visible: %v", err)
 	}
-	// Its chunks were swept at open: a new blob can take their place and
-	// the store holds exactly the committed blob's chunks.
-	if n := b.ChunkCount(); n != 3 {
-		t.Errorf("chunks after sweep: %d, want 3 (the committed blob's)", n)
+	// Its temporary file was removed at open; the committed blob's file
+	// is the only one, and the byte count is its size.
+	if tmp, _ := os.ReadDir(filepath.Join(dir, "tmp")); len(tmp) != 0 {
+		t.Errorf("%d temporary files after the restart", len(tmp))
+	}
+	if n := b.BlobBytes(); n != 3*testChunk {
+		t.Errorf("blob bytes after the restart: %d, want %d", n, 3*testChunk)
 	}
 }
 
 func killChild(dir string) {
-	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir, ChunkSize: testChunk})
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir})
 	if err != nil {
 		panic(err)
 	}
@@ -663,4 +683,153 @@ func TestBadger_MigratesLayout1Links(t *testing.T) {
 		b.Close()
 		t.Fatal("a store of a newer layout opened")
 	}
+}
+
+// A data directory of the chunked layout keeps working: its blobs come
+// through as files, whole (hosted content included), its other keys as
+// they were, and the old database's files are gone.
+func TestBadger_MigratesChunkedLayout(t *testing.T) {
+	dir := t.TempDir()
+	blobs := [][]byte{randomBytes(0), randomBytes(1), randomBytes(3*testChunk + 17), randomBytes(300 << 10)}
+	corrupt := randomBytes(2 * testChunk)
+	hosted := blobs[2]
+	hd := digest.FromBytes(hosted)
+	body := []byte(`{"schemaVersion":2}`)
+	md := digest.FromBytes(body)
+	extra := map[string][]byte{
+		"l" + "ci/app\x00b" + string(hd): nil, // a hosted repository's link, layout 1
+		"m" + string(md):                 append([]byte{1, byte(len("x/y"))}, append([]byte("x/y"), body...)...),
+	}
+	// The last blob's chunk is damaged: it is left out, never served wrong.
+	if err := cache.WriteLayout1(dir, append(blobs, corrupt), testChunk, true, extra); err != nil {
+		t.Fatal(err)
+	}
+
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	var total int64
+	for _, data := range blobs {
+		if got := readBlob(t, b, digest.FromBytes(data)); !bytes.Equal(got, data) {
+			t.Fatalf("blob of %d bytes differs after the migration", len(data))
+		}
+		total += int64(len(data))
+	}
+	if _, err := b.StatBlob(ctx, digest.FromBytes(corrupt)); !errors.Is(err, cache.ErrNotFound) {
+		t.Fatalf("a blob whose chunks do not hash to its digest was migrated: %v", err)
+	}
+	if n := b.BlobBytes(); n != total {
+		t.Fatalf("blob bytes %d, want %d", n, total)
+	}
+	if _, ok, _ := b.Linked(ctx, cache.RepoKey{Repo: "ci/app"}, cache.LinkBlob, hd); !ok {
+		t.Fatal("the hosted link was lost")
+	}
+	if m, err := b.GetManifest(ctx, md); err != nil || !bytes.Equal(m.Data, body) || m.MediaType != "x/y" {
+		t.Fatalf("manifest after the migration: %+v %v", m, err)
+	}
+	for _, old := range []string{"MANIFEST", "KEYREGISTRY"} {
+		if _, err := os.Stat(filepath.Join(dir, old)); err == nil {
+			t.Errorf("the old database's %s is still there", old)
+		}
+	}
+	b.Close()
+	// And again: a migrated directory opens as it is.
+	b, err = cache.OpenBadger(cache.BadgerOptions{Path: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if got := readBlob(t, b, hd); !bytes.Equal(got, hosted) {
+		t.Fatal("hosted blob after a second start")
+	}
+	if n := b.BlobBytes(); n != total {
+		t.Fatalf("blob bytes after a second start %d, want %d", n, total)
+	}
+}
+
+// At start the index and the files are held to each other: an entry whose
+// file went is dropped, a stray file is removed, and the byte count is
+// what remains.
+func TestBadger_ChecksFilesAtStart(t *testing.T) {
+	dir := t.TempDir()
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	keep := writeBlob(t, b, randomBytes(5000))
+	gone := writeBlob(t, b, randomBytes(7000))
+	b.Close()
+	if err := os.Remove(filepath.Join(dir, "blobs", "sha256", gone.Encoded()[:2], gone.Encoded())); err != nil {
+		t.Fatal(err)
+	}
+	stray := digest.FromString("stray")
+	strayPath := filepath.Join(dir, "blobs", "sha256", stray.Encoded()[:2], stray.Encoded())
+	_ = os.MkdirAll(filepath.Dir(strayPath), 0o755)
+	if err := os.WriteFile(strayPath, []byte("stray"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b, err = cache.OpenBadger(cache.BadgerOptions{Path: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	ctx := context.Background()
+	if _, err := b.StatBlob(ctx, keep); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.StatBlob(ctx, gone); !errors.Is(err, cache.ErrNotFound) {
+		t.Fatalf("an entry without its file: %v", err)
+	}
+	if _, err := os.Stat(strayPath); err == nil {
+		t.Fatal("the stray file is still there")
+	}
+	if n := b.BlobBytes(); n != 5000 {
+		t.Fatalf("blob bytes %d, want 5000", n)
+	}
+}
+
+// Deleting a blob gives its disk space back at once.
+func TestBadger_DeleteFreesDisk(t *testing.T) {
+	dir := t.TempDir()
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	d := writeBlob(t, b, randomBytes(8<<20))
+	before := dirSize(t, dir)
+	if err := b.DeleteBlob(context.Background(), d); err != nil {
+		t.Fatal(err)
+	}
+	if freed := before - dirSize(t, dir); freed < 8<<20 {
+		t.Fatalf("deleting 8 MiB freed %d bytes", freed)
+	}
+	if n := b.BlobBytes(); n != 0 {
+		t.Fatalf("blob bytes %d after the delete", n)
+	}
+}
+
+// dirSize is what du counts: the blocks the files of dir use.
+func dirSize(t *testing.T, dir string) int64 {
+	t.Helper()
+	var n int64
+	err := filepath.WalkDir(dir, func(p string, e fs.DirEntry, err error) error {
+		if err != nil || e.IsDir() {
+			return err
+		}
+		info, err := e.Info()
+		if err != nil {
+			return err
+		}
+		if st, ok := info.Sys().(*syscall.Stat_t); ok {
+			n += st.Blocks * 512
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }

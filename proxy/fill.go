@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -54,6 +55,10 @@ type blobFill struct {
 	size     int64 // -1 when the upstream sent no length
 	w        cache.BlobWriter
 
+	// users are the fill itself and the clients following it; the last
+	// to go closes w.
+	users atomic.Int32
+
 	mu    sync.Mutex
 	avail int64 // bytes readable through w
 	done  bool
@@ -86,6 +91,7 @@ func (s *Server) joinFill(ctx context.Context, q *request) (f *blobFill, started
 	s.fills.mu.Lock()
 	defer s.fills.mu.Unlock()
 	if f := s.fills.m[key]; f != nil {
+		f.users.Add(1)
 		return f, false, nil
 	}
 	// A fill may have committed between the caller's miss and this lock.
@@ -95,11 +101,20 @@ func (s *Server) joinFill(ctx context.Context, q *request) (f *blobFill, started
 		return nil, false, err
 	}
 	f = &blobFill{key: key, repo: q.repo, ready: make(chan struct{}), size: -1, wake: make(chan struct{})}
+	f.users.Store(2) // the fill and its first client
 	s.fills.m[key] = f
 	s.work.Add(1)
 	fctx := trace.ContextWithSpanContext(s.ctx, trace.SpanContextFromContext(ctx))
 	go s.runFill(fctx, f, q.up)
 	return f, true, nil
+}
+
+// release is called once by the fill and by each client that joined it:
+// the last one closes the writer, whose file its followers were reading.
+func (f *blobFill) release() {
+	if f.users.Add(-1) == 0 && f.w != nil {
+		_ = f.w.Close()
+	}
 }
 
 // endFill removes a fill from the set. It runs before the fill's end is
@@ -117,6 +132,7 @@ func (s *Server) endFill(f *blobFill) {
 // up to maxResumes times.
 func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState) {
 	defer s.work.Done()
+	defer f.release()
 	d := f.key.digest
 	log := s.log.With("upstream", up.name, "repo", f.repo, "digest", d)
 	start := time.Now()

@@ -209,13 +209,12 @@ func (u *upstreamState) pushBlob(ctx context.Context, q *request, d digest.Diges
 	if !u.forward {
 		return nil
 	}
-	return u.client.PushBlob(ctx, q.repo, d, size, func() io.Reader {
-		rd, err := u.s.store.OpenBlob(ctx, d)
-		if err != nil {
-			return errReader{err}
-		}
-		return io.NewSectionReader(rd, 0, size)
-	})
+	rd, err := u.s.store.OpenBlob(ctx, d)
+	if err != nil {
+		return err
+	}
+	defer rd.Close()
+	return u.client.PushBlob(ctx, q.repo, d, size, func() io.Reader { return io.NewSectionReader(rd, 0, size) })
 }
 
 // deleteTag implements source: tags of a proxied repository are the

@@ -39,8 +39,8 @@ const (
 )
 
 // uploads are the blob upload sessions in progress. They live in memory: a
-// restart cancels them (clients start the upload again). Between requests
-// a session's bytes are in the store, not in memory.
+// restart cancels them (clients start the upload again). A session's bytes
+// are in a temporary file, not in memory.
 type uploads struct {
 	mu        sync.Mutex
 	m         map[string]*upload
@@ -280,12 +280,6 @@ func (s *Server) patchUpload(w http.ResponseWriter, r *http.Request, q *request)
 	if err := s.appendUpload(w, r, q, x); err != nil {
 		return err
 	}
-	if p, ok := x.w.(cache.Parker); ok {
-		// The session waits for its next request with no buffer in memory.
-		if err := p.Park(); err != nil {
-			return s.failUpload(r, x, err)
-		}
-	}
 	writeUploadState(w, q, x, http.StatusAccepted)
 	return nil
 }
@@ -442,6 +436,8 @@ func (s *Server) finishUpload(w http.ResponseWriter, r *http.Request, q *request
 	} else if err := x.w.Commit(ctx, d, size); err != nil {
 		_ = x.w.Cancel(ctx)
 		return err
+	} else if err := x.w.Close(); err != nil {
+		s.log.Warn("closing a committed upload", "err", err)
 	}
 	if err := s.blobPushed(ctx, q, d, size); err != nil {
 		return err
@@ -470,10 +466,6 @@ func (s *Server) blobPushed(ctx context.Context, q *request, d digest.Digest, si
 	}
 	return s.store.Link(ctx, q.key(), cache.LinkBlob, d, cache.OriginPushed)
 }
-
-type errReader struct{ err error }
-
-func (e errReader) Read([]byte) (int, error) { return 0, e.err }
 
 func writeBlobCreated(w http.ResponseWriter, q *request, d digest.Digest) error {
 	h := w.Header()

@@ -196,7 +196,7 @@ func TestE2E_Faults_MirrorKilledMidFill(t *testing.T) {
 	}
 	up.stop()
 	om.start(t)
-	if !strings.Contains(om.log.String(), "discarded unfinished blob fills") {
+	if !strings.Contains(om.log.String(), "discarded unfinished blob writes") {
 		t.Error("the restarted ocimirror did not discard the unfinished fill")
 	}
 	if st, _, _ := httpGet(t, u()); st == 200 {
