@@ -31,6 +31,7 @@ import (
 //	u<upstream>0<repo>0<subject>   the upstream referrers API's answer
 //	l<upstream>0<repo>0<kind><digest>   a repository's link to content it holds (origin)
 //	L<kind><digest>0<upstream>0<repo>   the same link, reversed: who holds a digest
+//	D<kind><digest>            content that is data (a hosted or pushed link), never evicted
 //	!schema                    the key layout's version
 //
 // Layout 1 (before blob files) also had c<fill ID><index> blob chunks and
@@ -45,6 +46,7 @@ const (
 	kindReferrer = 'r'
 	kindLink     = 'l'
 	kindHolder   = 'L'
+	kindData     = 'D'
 	kindUpRefs   = 'u'
 
 	encodingV1 = 1
@@ -61,6 +63,10 @@ type BadgerOptions struct {
 	GCInterval time.Duration
 	// AccessFlushInterval is how often last-access times are written (30s if 0).
 	AccessFlushInterval time.Duration
+	// Budget bounds the disk use; eviction passes keep to it.
+	Budget Budget
+	// Clock is the time source of access times (tests); time.Now if nil.
+	Clock func() time.Time
 }
 
 // Badger is the on-disk Store: blob bytes in content-addressed files,
@@ -73,11 +79,22 @@ type Badger struct {
 
 	// blobBytes is the size of every committed blob file.
 	blobBytes atomic.Int64
-	// commitLocks serialize the commits of one digest (by its first byte).
+	// commitLocks serialize the writes of one digest's bytes and links
+	// (by its first byte).
 	commitLocks [64]sync.Mutex
 
 	accessMu sync.Mutex
 	accessed map[digest.Digest]int64
+	now      func() time.Time
+
+	// readers counts the open readers of each blob: eviction spares them.
+	readersMu sync.Mutex
+	readers   map[digest.Digest]int
+
+	keep    atomic.Pointer[func(LinkKind, digest.Digest) bool]
+	onEvict atomic.Pointer[func(LinkKind, digest.Digest)]
+	kick    chan struct{}
+	budget  bool
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -102,6 +119,12 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 	if opts.AccessFlushInterval <= 0 {
 		opts.AccessFlushInterval = 30 * time.Second
 	}
+	if opts.Clock == nil {
+		opts.Clock = time.Now
+	}
+	if err := checkBudget(&opts.Budget); err != nil {
+		return nil, err
+	}
 	files, err := newBlobFiles(opts.Path)
 	if err != nil {
 		return nil, err
@@ -118,6 +141,10 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 		files:    files,
 		log:      opts.Logger,
 		accessed: map[digest.Digest]int64{},
+		now:      opts.Clock,
+		readers:  map[digest.Digest]int{},
+		kick:     make(chan struct{}, 1),
+		budget:   opts.Budget.MaxSize > 0 || opts.Budget.MinFree > 0,
 		stop:     make(chan struct{}),
 	}
 	if err := s.migrate(); err != nil {
@@ -134,9 +161,17 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 		db.Close()
 		return nil, err
 	}
+	lsm, vlog := db.Size()
+	s.log.Info("store opened", "path", opts.Path, "blob_bytes", s.blobBytes.Load(), "db_bytes", lsm+vlog,
+		"max_size", opts.Budget.MaxSize, "min_free", opts.Budget.MinFree)
 	s.wg.Add(2)
 	go s.every(opts.GCInterval, s.gcValueLog)
 	go s.every(opts.AccessFlushInterval, s.flushAccess)
+	if s.budget {
+		s.wg.Add(1)
+		go s.keepBudget(opts.Budget)
+		s.kickBudget()
+	}
 	return s, nil
 }
 
@@ -288,7 +323,10 @@ func (s *Badger) OpenBlob(ctx context.Context, d digest.Digest) (BlobReader, err
 	if err != nil {
 		return nil, fmt.Errorf("cache: open blob %s: %w", d, err)
 	}
-	return fileReader{f: f, size: info.Size}, nil
+	s.readersMu.Lock()
+	s.readers[d]++
+	s.readersMu.Unlock()
+	return &fileReader{s: s, d: d, f: f, size: info.Size}, nil
 }
 
 // CreateBlob implements BlobStore: a temporary file.
@@ -303,9 +341,8 @@ func (s *Badger) CreateBlob(context.Context) (BlobWriter, error) {
 // commitFile puts a verified temporary file in place as blob d and indexes
 // it, unless d is committed already.
 func (s *Badger) commitFile(f *os.File, d digest.Digest, size int64) error {
-	mu := &s.commitLocks[d.Encoded()[0]%byte(len(s.commitLocks))]
-	mu.Lock()
-	defer mu.Unlock()
+	unlock := s.lockDigest(d)
+	defer unlock()
 	if _, err := s.StatBlob(context.Background(), d); err == nil {
 		return nil // another writer's copy stays; this one goes at Close
 	} else if !errors.Is(err, ErrNotFound) {
@@ -318,15 +355,37 @@ func (s *Badger) commitFile(f *os.File, d digest.Digest, size int64) error {
 		return err
 	}
 	s.blobBytes.Add(size)
+	if s.budget {
+		s.kickBudget()
+	}
 	return nil
+}
+
+// reading reports whether a client has blob d open.
+func (s *Badger) reading(d digest.Digest) bool {
+	s.readersMu.Lock()
+	defer s.readersMu.Unlock()
+	return s.readers[d] > 0
+}
+
+func (s *Badger) closedReader(d digest.Digest) {
+	s.readersMu.Lock()
+	defer s.readersMu.Unlock()
+	if s.readers[d]--; s.readers[d] <= 0 {
+		delete(s.readers, d)
+	}
 }
 
 // DeleteBlob implements BlobStore: the index entry goes, then the file.
 // Readers that have the file open read on.
 func (s *Badger) DeleteBlob(ctx context.Context, d digest.Digest) error {
-	mu := &s.commitLocks[d.Encoded()[0]%byte(len(s.commitLocks))]
-	mu.Lock()
-	defer mu.Unlock()
+	unlock := s.lockDigest(d)
+	defer unlock()
+	return s.deleteBlobLocked(ctx, d)
+}
+
+// deleteBlobLocked is DeleteBlob with the digest's lock held.
+func (s *Badger) deleteBlobLocked(ctx context.Context, d digest.Digest) error {
 	info, err := s.StatBlob(ctx, d)
 	if errors.Is(err, ErrNotFound) {
 		return nil
@@ -343,6 +402,9 @@ func (s *Badger) DeleteBlob(ctx context.Context, d digest.Digest) error {
 	if err != nil {
 		return err
 	}
+	s.accessMu.Lock()
+	delete(s.accessed, d)
+	s.accessMu.Unlock()
 	s.blobBytes.Add(-info.Size)
 	return s.files.remove(d)
 }
@@ -409,7 +471,7 @@ func (s *Badger) checkBlobs() error {
 // Touch implements Toucher. Times are kept in memory and written in batches,
 // so serving a blob costs no write.
 func (s *Badger) Touch(d digest.Digest) {
-	now := time.Now().Unix()
+	now := s.now().Unix()
 	s.accessMu.Lock()
 	s.accessed[d] = now
 	s.accessMu.Unlock()
@@ -494,6 +556,7 @@ func (s *Badger) PutManifest(_ context.Context, m Manifest) error {
 	if err := s.db.Update(func(txn *badger.Txn) error { return txn.Set(manifestKey(m.Digest), v) }); err != nil {
 		return fmt.Errorf("cache: put manifest %s: %w", m.Digest, err)
 	}
+	s.Touch(m.Digest)
 	return nil
 }
 
@@ -715,9 +778,11 @@ func holderKey(k RepoKey, kind LinkKind, d digest.Digest) []byte {
 	return append(b, k.Repo...)
 }
 
-// Link implements RepoLinks. The forward and the reverse key are written
-// in one transaction.
+// Link implements RepoLinks. The forward and the reverse key, and the
+// content's data marker, are written in one transaction.
 func (s *Badger) Link(_ context.Context, k RepoKey, kind LinkKind, d digest.Digest, origin LinkOrigin) error {
+	unlock := s.lockDigest(d)
+	defer unlock()
 	key := linkKey(k, kind, d)
 	return s.db.Update(func(txn *badger.Txn) error {
 		if item, err := txn.Get(key); err == nil {
@@ -738,12 +803,17 @@ func (s *Badger) Link(_ context.Context, k RepoKey, kind LinkKind, d digest.Dige
 		if err := txn.Set(key, v); err != nil {
 			return err
 		}
-		return txn.Set(holderKey(k, kind, d), v)
+		if err := txn.Set(holderKey(k, kind, d), v); err != nil {
+			return err
+		}
+		return markData(txn, kind, d)
 	})
 }
 
 // Unlink implements RepoLinks.
 func (s *Badger) Unlink(_ context.Context, k RepoKey, kind LinkKind, d digest.Digest) (bool, error) {
+	unlock := s.lockDigest(d)
+	defer unlock()
 	existed := false
 	err := s.db.Update(func(txn *badger.Txn) error {
 		key := linkKey(k, kind, d)
@@ -756,9 +826,59 @@ func (s *Badger) Unlink(_ context.Context, k RepoKey, kind LinkKind, d digest.Di
 		if err := txn.Delete(key); err != nil {
 			return err
 		}
-		return txn.Delete(holderKey(k, kind, d))
+		if err := txn.Delete(holderKey(k, kind, d)); err != nil {
+			return err
+		}
+		return markData(txn, kind, d)
 	})
 	return existed, err
+}
+
+// dataKey marks content that is data, not cache: some repository holds it
+// as pushed, or a hosted repository holds it. Data is never evicted.
+func dataKey(kind LinkKind, d digest.Digest) []byte {
+	return append([]byte{kindData, byte(kind)}, d...)
+}
+
+// isDataLink reports whether a holder key's link makes content data.
+func isDataLink(holder []byte, origin LinkOrigin, prefixLen int) bool {
+	return origin != OriginUpstream || len(holder) > prefixLen && holder[prefixLen] == 0 // upstream "": hosted
+}
+
+// markData sets or clears content's data marker from its holders.
+func markData(txn *badger.Txn, kind LinkKind, d digest.Digest) error {
+	prefix := holderPrefix(kind, d)
+	it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: false})
+	data := false
+	for it.Rewind(); it.Valid() && !data; it.Next() {
+		item := it.Item()
+		origin := OriginPushed
+		_ = item.Value(func(v []byte) error {
+			if len(v) == 1 {
+				origin = LinkOrigin(v[0])
+			}
+			return nil
+		})
+		data = isDataLink(item.Key(), origin, len(prefix))
+	}
+	it.Close()
+	if data {
+		return txn.Set(dataKey(kind, d), nil)
+	}
+	return txn.Delete(dataKey(kind, d))
+}
+
+// lockDigest serializes the writes of one digest's links and bytes (by
+// the digest's first byte).
+func (s *Badger) lockDigest(d digest.Digest) func() {
+	enc := d.Encoded()
+	var b byte
+	if enc != "" {
+		b = enc[0]
+	}
+	mu := &s.commitLocks[b%byte(len(s.commitLocks))]
+	mu.Lock()
+	return mu.Unlock
 }
 
 // Linked implements RepoLinks.
@@ -799,8 +919,9 @@ func (s *Badger) UpstreamHolds(_ context.Context, upstream string, kind LinkKind
 var errStopScan = errors.New("stop scan")
 
 // schemaVersion is the layout of the keys. Version 1 keyed links by the
-// repository alone (hosted repositories only) and had no holder keys.
-const schemaVersion = 2
+// repository alone (hosted repositories only) and had no holder keys;
+// version 2 had no data markers.
+const schemaVersion = 3
 
 var schemaKey = []byte("!schema")
 
@@ -822,10 +943,23 @@ func (s *Badger) migrate() error {
 	if version == schemaVersion {
 		return nil
 	}
-	// Version 1 link keys: l<repo>0<kind><digest>, hosted repositories
-	// only. Their names hold a '/', which upstream names never do.
+	if version < 2 {
+		if err := s.migrateLinks(); err != nil {
+			return fmt.Errorf("cache: migrate links: %w", err)
+		}
+	}
+	if err := s.markAllData(); err != nil {
+		return fmt.Errorf("cache: mark data: %w", err)
+	}
+	return s.db.Update(func(txn *badger.Txn) error { return txn.Set(schemaKey, []byte{schemaVersion}) })
+}
+
+// migrateLinks rewrites version 1 link keys, l<repo>0<kind><digest> of
+// hosted repositories only, whose names hold a '/', which upstream names
+// never do.
+func (s *Badger) migrateLinks() error {
 	var old [][]byte
-	err = s.scan([]byte{kindLink}, false, func(key, _ []byte) error {
+	err := s.scan([]byte{kindLink}, false, func(key, _ []byte) error {
 		seg, _, ok := bytes.Cut(key[1:], []byte{0})
 		if ok && bytes.IndexByte(seg, '/') >= 0 {
 			old = append(old, bytes.Clone(key))
@@ -833,7 +967,7 @@ func (s *Badger) migrate() error {
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("cache: migrate links: %w", err)
+		return err
 	}
 	wb := s.db.NewWriteBatch()
 	defer wb.Cancel()
@@ -854,14 +988,48 @@ func (s *Badger) migrate() error {
 			return err
 		}
 	}
-	if err := wb.Set(schemaKey, []byte{schemaVersion}); err != nil {
+	if err := wb.Flush(); err != nil {
+		return err
+	}
+	if len(old) > 0 {
+		s.log.Info("store migrated: links", "links", len(old))
+	}
+	return nil
+}
+
+// markAllData writes the data marker of all content that some hosted or
+// pushed link holds, from the holder keys (sorted, so one content's
+// holders come together).
+func (s *Badger) markAllData() error {
+	wb := s.db.NewWriteBatch()
+	defer wb.Cancel()
+	var last []byte
+	marked := 0
+	err := s.scan([]byte{kindHolder}, true, func(key, v []byte) error {
+		i := bytes.IndexByte(key[2:], 0)
+		if i < 0 {
+			return nil
+		}
+		content := key[:2+i] // L<kind><digest>
+		origin := OriginPushed
+		if len(v) == 1 {
+			origin = LinkOrigin(v[0])
+		}
+		if !isDataLink(key, origin, len(content)+1) || bytes.Equal(content, last) {
+			return nil
+		}
+		last = bytes.Clone(content)
+		marked++
+		return wb.Set(dataKey(LinkKind(content[1]), digest.Digest(content[2:])), nil)
+	})
+	if err != nil {
 		return err
 	}
 	if err := wb.Flush(); err != nil {
-		return fmt.Errorf("cache: migrate links: %w", err)
+		return err
 	}
-	if len(old) > 0 {
-		s.log.Info("store migrated", "layout", schemaVersion, "links", len(old))
+	if marked > 0 {
+		s.log.Info("store migrated: data marked", "count", marked)
 	}
 	return nil
 }

@@ -7,7 +7,6 @@ import (
 	"github.com/opencontainers/go-digest"
 )
 
-
 // PutRaw and DeleteRaw write the database directly, as an older version
 // of ocimirror would have.
 func (s *Badger) PutRaw(key, value []byte) error {

@@ -133,16 +133,23 @@ func (f *blobFiles) walk(fn func(path string, d digest.Digest, size int64) error
 
 // fileReader reads a committed blob from its open file.
 type fileReader struct {
+	s    *Badger
+	d    digest.Digest
 	f    *os.File
 	size int64
+	once sync.Once
 }
 
-func (r fileReader) ReadAt(p []byte, off int64) (int, error) { return r.f.ReadAt(p, off) }
-func (r fileReader) Close() error                             { return r.f.Close() }
-func (r fileReader) Size() int64                              { return r.size }
+func (r *fileReader) ReadAt(p []byte, off int64) (int, error) { return r.f.ReadAt(p, off) }
+func (r *fileReader) Size() int64                             { return r.size }
+
+func (r *fileReader) Close() error {
+	r.once.Do(func() { r.s.closedReader(r.d) })
+	return r.f.Close()
+}
 
 // OSFile implements FileBlob: net/http sends an *os.File with sendfile.
-func (r fileReader) OSFile() *os.File { return r.f }
+func (r *fileReader) OSFile() *os.File { return r.f }
 
 // fileWriter writes a blob to a temporary file. Any goroutine may ReadAt
 // what has been written; the file stays open (and readable) after Commit

@@ -100,6 +100,11 @@ func NewLRU(s Store, o LRUOptions) *LRU {
 	c.links.l = lru.New(o.MetadataBytes/4, o.MetadataEntries, func(l linkRef, _ LinkOrigin) int64 {
 		return int64(len(l.repo.Upstream)+len(l.repo.Repo)+len(l.digest)) + entryOverhead
 	})
+	if e, ok := s.(interface {
+		OnEvict(func(LinkKind, digest.Digest))
+	}); ok {
+		e.OnEvict(c.forget)
+	}
 	return c
 }
 
@@ -198,6 +203,15 @@ func (c *LRU) Linked(ctx context.Context, k RepoKey, kind LinkKind, d digest.Dig
 		return 0, false, nil
 	}
 	return o, err == nil, err
+}
+
+// forget drops what the store evicted.
+func (c *LRU) forget(kind LinkKind, d digest.Digest) {
+	if kind == LinkBlob {
+		_ = c.blobs.write(d, nil, func() error { return nil })
+	} else {
+		_ = c.manifests.write(d, nil, func() error { return nil })
+	}
 }
 
 // Touch implements Toucher when the store does.

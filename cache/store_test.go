@@ -833,3 +833,133 @@ func dirSize(t *testing.T, dir string) int64 {
 	}
 	return n
 }
+
+// Eviction removes cached content (held through an upstream only), least
+// recently used first; never data (hosted, pushed), a blob being read, or
+// what keep names. Links stay: the content comes back on its next request.
+func TestBadger_Evict(t *testing.T) {
+	dir := t.TempDir()
+	now := time.Unix(1_000_000, 0)
+	var clockMu sync.Mutex
+	clock := func() time.Time { clockMu.Lock(); defer clockMu.Unlock(); return now }
+	tick := func() { clockMu.Lock(); now = now.Add(time.Minute); clockMu.Unlock() }
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir, Clock: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	ctx := context.Background()
+	proxied := cache.RepoKey{Upstream: "up", Repo: "app"}
+	blob := func(origin cache.LinkOrigin, k cache.RepoKey) digest.Digest {
+		tick()
+		d := writeBlob(t, b, randomBytes(1000))
+		if k.Repo != "" {
+			if err := b.Link(ctx, k, cache.LinkBlob, d, origin); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return d
+	}
+	var cached []digest.Digest
+	for range 5 {
+		cached = append(cached, blob(cache.OriginUpstream, proxied))
+	}
+	hosted := blob(cache.OriginPushed, cache.RepoKey{Repo: "ci/app"})
+	pushed := blob(cache.OriginPushed, proxied)
+	unlinked := blob(0, cache.RepoKey{})
+	// A cached referrer manifest, indexed under its subject.
+	subject := digest.FromString("subject")
+	body := []byte(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"a/b","digest":"` +
+		digest.FromString("c").String() + `","size":1},"subject":{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"` + subject.String() + `","size":1}}`)
+	m := cache.Manifest{Digest: digest.FromBytes(body), MediaType: v1.MediaTypeImageManifest, Data: body}
+	tick()
+	_ = b.PutManifest(ctx, m)
+	_ = b.Link(ctx, proxied, cache.LinkManifest, m.Digest, cache.OriginUpstream)
+	rk := cache.ReferrerKey{Upstream: "up", Repo: "app", Subject: subject}
+	_ = b.PutReferrer(ctx, rk, v1.Descriptor{MediaType: m.MediaType, Digest: m.Digest, Size: int64(len(body))})
+	// Access makes cached[0] the most recent; cached[1] is being read.
+	tick()
+	b.Touch(cached[0])
+	r, err := b.OpenBlob(ctx, cached[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	ev, err := b.Evict(ctx, 3000, nil)
+	if err != nil || ev.Blobs != 3 || ev.Bytes != 3000 {
+		t.Fatalf("evict 3000 bytes: %+v %v", ev, err)
+	}
+	gone := []digest.Digest{cached[2], cached[3], cached[4]}
+	for _, d := range gone {
+		if _, err := b.StatBlob(ctx, d); !errors.Is(err, cache.ErrNotFound) {
+			t.Errorf("%s was not evicted", d)
+		}
+		if _, ok, _ := b.Linked(ctx, proxied, cache.LinkBlob, d); !ok {
+			t.Errorf("eviction dropped the link of %s", d)
+		}
+	}
+	// unlinked content is the oldest cache after those? No: it is newer
+	// than cached[2..4] and older than the manifest.
+	for _, d := range []digest.Digest{cached[0], cached[1], hosted, pushed, unlinked} {
+		if _, err := b.StatBlob(ctx, d); err != nil {
+			t.Errorf("%s was evicted too early: %v", d, err)
+		}
+	}
+	// Everything that can go: the unlinked blob, the manifest (and its
+	// referrers entry), cached[0] unless kept; never data or what is read.
+	ev, err = b.Evict(ctx, 1<<30, func(kind cache.LinkKind, d digest.Digest) bool { return d == cached[0] })
+	if err != nil || ev.Blobs != 1 || ev.Manifests != 1 {
+		t.Fatalf("evict all: %+v %v", ev, err)
+	}
+	for _, d := range []digest.Digest{cached[0], cached[1], hosted, pushed} {
+		if _, err := b.StatBlob(ctx, d); err != nil {
+			t.Errorf("%s was evicted: %v", d, err)
+		}
+	}
+	if _, err := b.GetManifest(ctx, m.Digest); !errors.Is(err, cache.ErrNotFound) {
+		t.Error("the manifest was not evicted")
+	}
+	if refs, _ := b.ListReferrers(ctx, rk); len(refs) != 0 {
+		t.Errorf("the evicted manifest is still a referrer: %v", refs)
+	}
+	r.Close()
+	// Data turns into cache when its last data link goes.
+	_, _ = b.Unlink(ctx, cache.RepoKey{Repo: "ci/app"}, cache.LinkBlob, hosted)
+	ev, _ = b.Evict(ctx, 1<<30, nil)
+	if _, err := b.StatBlob(ctx, hosted); !errors.Is(err, cache.ErrNotFound) {
+		t.Errorf("unlinked hosted content was not evicted: %+v", ev)
+	}
+	if _, err := b.StatBlob(ctx, pushed); err != nil {
+		t.Error("a push kept locally was evicted")
+	}
+	if n := b.BlobBytes(); n != 1000 {
+		t.Errorf("blob bytes after eviction: %d, want the pushed blob's 1000", n)
+	}
+}
+
+// The budget: past the high watermark a pass frees down to the low one;
+// the data directory (du) ends under the budget.
+func TestBadger_Budget(t *testing.T) {
+	dir := t.TempDir()
+	const max = 4 << 20
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir, Budget: cache.Budget{MaxSize: max, Interval: 20 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	ctx := context.Background()
+	for range 12 {
+		d := writeBlob(t, b, randomBytes(512<<10))
+		_ = b.Link(ctx, cache.RepoKey{Upstream: "up", Repo: "app"}, cache.LinkBlob, d, cache.OriginUpstream)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for float64(b.Usage()) > 0.95*max && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if u := b.Usage(); u > max {
+		t.Fatalf("usage %d over the budget %d", u, max)
+	}
+	if du := dirSize(t, dir); du > max {
+		t.Fatalf("du %d over the budget %d", du, max)
+	}
+}

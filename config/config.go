@@ -55,8 +55,15 @@ type ServerTLS struct {
 
 // Storage configures the on-disk store.
 type Storage struct {
-	// Path is the directory of the Badger database.
+	// Path is the data directory: blob files, and the database in db/.
 	Path string `yaml:"path"`
+	// MaxSize bounds the store's disk use (blob files plus the database); unset, no bound.
+	MaxSize Size `yaml:"maxSize"`
+	// HighWatermark and LowWatermark are percentages of MaxSize: eviction starts at the high one and frees down to the low one (95, 85).
+	HighWatermark int `yaml:"highWatermark"`
+	LowWatermark  int `yaml:"lowWatermark"`
+	// MinFree is free space to keep on the filesystem, for a shared disk; unset, none.
+	MinFree Size `yaml:"minFree"`
 }
 
 // Cache configures what is held in memory above the store. Every part is
@@ -226,8 +233,8 @@ func (s *Size) parse(field string) error {
 		return nil
 	}
 	v, err := humanize.ParseBytes(s.raw)
-	if err != nil || v < 1<<10 || v > 1<<40 {
-		return fmt.Errorf("%s: invalid size %q (use a value such as 64MiB, between 1KiB and 1TiB)", field, s.raw)
+	if err != nil || v < 1<<10 || v > 1<<50 {
+		return fmt.Errorf("%s: invalid size %q (use a value such as 64MiB, between 1KiB and 1PiB)", field, s.raw)
 	}
 	s.Bytes, s.raw = int64(v), ""
 	return nil
@@ -248,7 +255,7 @@ const DockerHub = "docker.io"
 func Default() Config {
 	return Config{
 		Listen:          ":5000",
-		Storage:         Storage{Path: "./ocimirror-data"},
+		Storage:         Storage{Path: "./ocimirror-data", HighWatermark: 95, LowWatermark: 85},
 		Cache:           Cache{ManifestBytes: Bytes(64 << 20), MetadataBytes: Bytes(16 << 20), TagListBytes: Bytes(32 << 20)},
 		Uploads:         Uploads{Max: 4096, PerClient: 64, Idle: Dur(5 * time.Minute)},
 		DefaultUpstream: DockerHub,
@@ -306,6 +313,18 @@ func (c *Config) merge(f Config) {
 	}
 	if f.Storage.Path != "" {
 		c.Storage.Path = f.Storage.Path
+	}
+	if f.Storage.MaxSize.raw != "" || f.Storage.MaxSize.Bytes != 0 {
+		c.Storage.MaxSize = f.Storage.MaxSize
+	}
+	if f.Storage.MinFree.raw != "" || f.Storage.MinFree.Bytes != 0 {
+		c.Storage.MinFree = f.Storage.MinFree
+	}
+	if f.Storage.HighWatermark != 0 {
+		c.Storage.HighWatermark = f.Storage.HighWatermark
+	}
+	if f.Storage.LowWatermark != 0 {
+		c.Storage.LowWatermark = f.Storage.LowWatermark
 	}
 	for _, p := range []struct{ dst, src *Size }{
 		{&c.Cache.ManifestBytes, &f.Cache.ManifestBytes},
@@ -391,6 +410,15 @@ func (c *Config) Validate() error {
 	}
 	if c.Storage.Path == "" {
 		return errors.New("storage.path: must not be empty")
+	}
+	if err := c.Storage.MaxSize.parse("storage.maxSize"); err != nil {
+		return err
+	}
+	if err := c.Storage.MinFree.parse("storage.minFree"); err != nil {
+		return err
+	}
+	if h, l := c.Storage.HighWatermark, c.Storage.LowWatermark; h < 1 || h > 100 || l < 1 || l >= h {
+		return fmt.Errorf("storage.highWatermark %d and storage.lowWatermark %d: want 0 < low < high <= 100 (percent of maxSize)", h, l)
 	}
 	for _, f := range []struct {
 		name string

@@ -41,10 +41,12 @@ func (u *upstreamState) blob(w http.ResponseWriter, r *http.Request, q *request)
 	if linked {
 		info, err := s.store.StatBlob(ctx, q.dgst)
 		if err == nil {
-			q.setCache("hit")
-			return s.serveStored(w, r, q, info.Size)
-		}
-		if !errors.Is(err, cache.ErrNotFound) {
+			// Evicted between the stat and the open: fetched again below.
+			if err := s.serveStored(w, r, q, info.Size); !errors.Is(err, cache.ErrNotFound) {
+				q.setCache("hit")
+				return err
+			}
+		} else if !errors.Is(err, cache.ErrNotFound) {
 			return err
 		}
 	} else if info, ok, err := u.confirmStoredBlob(ctx, q); err != nil {

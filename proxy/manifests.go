@@ -46,6 +46,9 @@ func (s *Server) manifest(w http.ResponseWriter, r *http.Request, q *request) er
 		return &Error{Code: CodeManifestUnknown, Message: "manifest is not of a media type the client accepts",
 			Detail: map[string]string{"mediaType": mt, "digest": d.String()}}
 	}
+	if t, ok := s.store.(cache.Toucher); ok && info.Data != nil {
+		t.Touch(d) // eviction goes by last access
+	}
 	h := w.Header()
 	h.Set("Content-Type", mt)
 	h.Set("Content-Length", strconv.FormatInt(info.size(), 10))

@@ -42,6 +42,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		configFile = fs.String("config", "", "YAML configuration `file`")
 		listen     = fs.String("listen", "", "`address` to serve the registry API on (default \":5000\")")
 		data       = fs.String("data", "", "`directory` of the cache (default \"./ocimirror-data\")")
+		maxSize    = fs.String("max-size", "", "bound the cache's disk use to `SIZE` (such as 500GiB); least recently used cached content is evicted")
 		defaultUp  = fs.String("default-upstream", "", "`name` of the upstream for requests without ns or host prefix (default \"docker.io\")")
 		logFormat  = fs.String("log-format", "", "log `format`: text or json (default \"text\")")
 		logLevel   = fs.String("log-level", "", "log `level`: debug, info, warn or error (default \"info\")")
@@ -59,10 +60,15 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		return code
 	}
 	cfg, err := loadConfig(*configFile, *listen, *data, *defaultUp, *logFormat, *logLevel, ups)
-	if err == nil && (len(hosted) > 0 || *readOnly) {
+	if err == nil && (len(hosted) > 0 || *readOnly || *maxSize != "") {
 		cfg.Hosted = append(cfg.Hosted, hosted...)
 		cfg.ReadOnly = cfg.ReadOnly || *readOnly
-		err = cfg.Validate()
+		if *maxSize != "" {
+			err = cfg.Storage.MaxSize.UnmarshalText([]byte(*maxSize))
+		}
+		if err == nil {
+			err = cfg.Validate() // a bad --max-size is named as storage.maxSize
+		}
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "ocimirror: %v\n", err)
@@ -129,7 +135,10 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 	}
 	defer shutdownTracing()
 
-	badger, err := cache.OpenBadger(cache.BadgerOptions{Path: cfg.Storage.Path, Logger: logger})
+	badger, err := cache.OpenBadger(cache.BadgerOptions{Path: cfg.Storage.Path, Logger: logger, Budget: cache.Budget{
+		MaxSize: cfg.Storage.MaxSize.Bytes, MinFree: cfg.Storage.MinFree.Bytes,
+		High: float64(cfg.Storage.HighWatermark) / 100, Low: float64(cfg.Storage.LowWatermark) / 100,
+	}})
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,397 @@
+package cache
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"slices"
+	"syscall"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/ocimirror/ocimirror/manifest"
+)
+
+// Budget bounds the store's disk use: blob files plus the database.
+type Budget struct {
+	// MaxSize is the most the store may use; 0 is no bound.
+	MaxSize int64
+	// High and Low are fractions of MaxSize: at High an eviction pass
+	// starts, and it frees space down to Low.
+	High, Low float64
+	// MinFree is free space to keep on the filesystem (0: none). Below it
+	// a pass starts too, and frees until both hold.
+	MinFree int64
+	// Interval is how often usage is checked besides after commits (10s
+	// if 0).
+	Interval time.Duration
+}
+
+// Evicted says what an eviction pass removed.
+type Evicted struct {
+	Blobs, Manifests int
+	Bytes            int64
+}
+
+// evictBatch is how many candidates one scan of the store collects: the
+// oldest, by last access. Memory stays bounded whatever the store holds.
+const evictBatch = 4096
+
+type candidate struct {
+	kind LinkKind
+	d    digest.Digest
+	size int64
+	at   int64
+}
+
+// Evict removes cached content, least recently used first, until want
+// bytes are freed or nothing more can go. Cached content is what
+// repositories hold only through an upstream (fetched or confirmed there):
+// it comes back on its next request. Data (what a hosted repository holds,
+// or a push kept locally) is never evicted, nor a blob a client is
+// reading, nor what keep (pins) names. Evicting a manifest drops its
+// entries in the referrers index; repository links and tags stay, and a
+// tag whose manifest went is fetched again.
+func (s *Badger) Evict(ctx context.Context, want int64, keep func(LinkKind, digest.Digest) bool) (Evicted, error) {
+	var ev Evicted
+	s.flushAccess()
+	for ev.Bytes < want {
+		batch, err := s.oldest(ctx)
+		if err != nil {
+			return ev, err
+		}
+		evicted := false
+		for _, c := range batch {
+			if ev.Bytes >= want || ctx.Err() != nil {
+				break
+			}
+			if keep != nil && keep(c.kind, c.d) || c.kind == LinkBlob && s.reading(c.d) {
+				continue
+			}
+			ok, err := s.evictOne(ctx, c)
+			if err != nil {
+				return ev, err
+			}
+			if !ok {
+				continue
+			}
+			evicted = true
+			ev.Bytes += c.size
+			if c.kind == LinkBlob {
+				ev.Blobs++
+			} else {
+				ev.Manifests++
+			}
+		}
+		if !evicted || ctx.Err() != nil {
+			return ev, ctx.Err()
+		}
+	}
+	return ev, nil
+}
+
+// oldest collects up to evictBatch candidates, the least recently used
+// first: blobs and manifests without a data marker. One scan walks the
+// index, the data markers and the access times together: all three are
+// ordered by digest.
+func (s *Badger) oldest(ctx context.Context) ([]candidate, error) {
+	var heap []candidate // the newest of the kept ones on top
+	push := func(c candidate) {
+		if len(heap) == evictBatch && c.at >= heap[0].at {
+			return
+		}
+		if len(heap) == evictBatch {
+			heap[0] = c
+			siftDown(heap, 0)
+			return
+		}
+		heap = append(heap, c)
+		siftUp(heap, len(heap)-1)
+	}
+	err := s.db.View(func(txn *badger.Txn) error {
+		for _, kind := range []LinkKind{LinkBlob, LinkManifest} {
+			prefix := []byte{kindBlob}
+			if kind == LinkManifest {
+				prefix = []byte{kindManifest}
+			}
+			data := newCursor(txn, []byte{kindData, byte(kind)}, false)
+			access := newCursor(txn, []byte{kindAccess}, true)
+			it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: false})
+			for it.Rewind(); it.Valid(); it.Next() {
+				if ctx.Err() != nil {
+					break
+				}
+				item := it.Item()
+				d := item.Key()[len(prefix):]
+				if data.find(d) {
+					continue
+				}
+				c := candidate{kind: kind, d: digest.Digest(d)}
+				if access.find(d) && len(access.value) == 8 {
+					c.at = int64(binary.BigEndian.Uint64(access.value))
+				}
+				if kind == LinkBlob {
+					_ = item.Value(func(v []byte) error {
+						c.size, _ = decodeBlobSize(v)
+						return nil
+					})
+				} else {
+					c.size = item.ValueSize()
+				}
+				push(c)
+			}
+			it.Close()
+			data.close()
+			access.close()
+		}
+		return ctx.Err()
+	})
+	slices.SortFunc(heap, func(a, b candidate) int { return int(a.at - b.at) })
+	return heap, err
+}
+
+func siftUp(h []candidate, i int) {
+	for i > 0 {
+		p := (i - 1) / 2
+		if h[p].at >= h[i].at {
+			return
+		}
+		h[p], h[i] = h[i], h[p]
+		i = p
+	}
+}
+
+func siftDown(h []candidate, i int) {
+	for {
+		l, big := 2*i+1, i
+		if l < len(h) && h[l].at > h[big].at {
+			big = l
+		}
+		if r := l + 1; r < len(h) && h[r].at > h[big].at {
+			big = r
+		}
+		if big == i {
+			return
+		}
+		h[i], h[big] = h[big], h[i]
+		i = big
+	}
+}
+
+// cursor walks the keys under a prefix in order, for merging with another
+// walk in the same (digest) order.
+type cursor struct {
+	it     *badger.Iterator
+	prefix []byte
+	value  []byte
+}
+
+func newCursor(txn *badger.Txn, prefix []byte, values bool) *cursor {
+	c := &cursor{it: txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: values}), prefix: prefix}
+	c.it.Rewind()
+	return c
+}
+
+// find moves to suffix (never back) and reports whether it is there, with
+// its value.
+func (c *cursor) find(suffix []byte) bool {
+	for ; c.it.Valid(); c.it.Next() {
+		switch cmp := bytes.Compare(c.it.Item().Key()[len(c.prefix):], suffix); {
+		case cmp < 0:
+			continue
+		case cmp > 0:
+			return false
+		}
+		c.value = c.value[:0]
+		_ = c.it.Item().Value(func(v []byte) error {
+			c.value = append(c.value, v...)
+			return nil
+		})
+		return true
+	}
+	return false
+}
+
+func (c *cursor) close() { c.it.Close() }
+
+// evictOne removes one candidate unless it became data meanwhile.
+func (s *Badger) evictOne(ctx context.Context, c candidate) (bool, error) {
+	unlock := s.lockDigest(c.d)
+	defer unlock()
+	if err := s.get(dataKey(c.kind, c.d), func([]byte) error { return nil }); err == nil {
+		return false, nil
+	} else if !errors.Is(err, ErrNotFound) {
+		return false, err
+	}
+	if c.kind == LinkBlob {
+		if err := s.deleteBlobLocked(ctx, c.d); err != nil {
+			return false, err
+		}
+	} else if err := s.evictManifest(ctx, c.d); err != nil {
+		return false, err
+	}
+	if hook := s.onEvict.Load(); hook != nil {
+		(*hook)(c.kind, c.d)
+	}
+	return true, nil
+}
+
+// evictManifest deletes a manifest and its entries in the referrers index
+// of every repository that holds it.
+func (s *Badger) evictManifest(ctx context.Context, d digest.Digest) error {
+	m, err := s.GetManifest(ctx, d)
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var subject digest.Digest
+	if p, err := manifest.Parse(m.MediaType, m.Data); err == nil && p.Subject != nil && manifest.Referrer(m.MediaType) {
+		subject = p.Subject.Digest
+	}
+	var refs [][]byte
+	if subject != "" {
+		prefix := holderPrefix(LinkManifest, d)
+		err := s.scan(prefix, false, func(key, _ []byte) error {
+			up, repo, ok := bytes.Cut(key[len(prefix):], []byte{0})
+			if ok {
+				k := ReferrerKey{Upstream: string(up), Repo: string(repo), Subject: subject}
+				refs = append(refs, append(referrerPrefix(k), d...))
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return s.db.Update(func(txn *badger.Txn) error {
+		for _, k := range refs {
+			if err := txn.Delete(k); err != nil {
+				return err
+			}
+		}
+		if err := txn.Delete(accessKey(d)); err != nil {
+			return err
+		}
+		return txn.Delete(manifestKey(d))
+	})
+}
+
+// OnEvict registers a function called with what each pass evicts (the
+// LRU above the store forgets it).
+func (s *Badger) OnEvict(f func(LinkKind, digest.Digest)) { s.onEvict.Store(&f) }
+
+// SetKeep sets what eviction must keep besides data (pins).
+func (s *Badger) SetKeep(f func(LinkKind, digest.Digest) bool) { s.keep.Store(&f) }
+
+// Usage is the store's disk use as eviction counts it: blob files plus
+// the database's files.
+func (s *Badger) Usage() int64 {
+	lsm, vlog := s.db.Size()
+	return s.blobBytes.Load() + lsm + vlog
+}
+
+// freeSpace is the free space of the data directory's filesystem.
+func (s *Badger) freeSpace() (int64, error) {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(s.files.blobs, &st); err != nil {
+		return 0, err
+	}
+	return int64(st.Bavail) * int64(st.Bsize), nil
+}
+
+// toFree is how much a pass must free now: down to the low watermark once
+// usage reaches the high one, and up to the free space to keep.
+func (s *Badger) toFree(b Budget) int64 {
+	var want int64
+	if b.MaxSize > 0 {
+		if usage := s.Usage(); float64(usage) >= b.High*float64(b.MaxSize) {
+			want = usage - int64(b.Low*float64(b.MaxSize))
+		}
+	}
+	if b.MinFree > 0 {
+		if free, err := s.freeSpace(); err == nil && free < b.MinFree {
+			want = max(want, b.MinFree-free+int64((b.High-b.Low)*float64(b.MaxSize)))
+		}
+	}
+	return want
+}
+
+// keepBudget runs eviction passes whenever usage reaches the budget's
+// high watermark (checked every interval, and when a commit kicks it).
+func (s *Badger) keepBudget(b Budget) {
+	defer s.wg.Done()
+	t := time.NewTicker(b.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-t.C:
+		case <-s.kick:
+		}
+		want := s.toFree(b)
+		if want <= 0 {
+			continue
+		}
+		start, before := time.Now(), s.Usage()
+		var keep func(LinkKind, digest.Digest) bool
+		if k := s.keep.Load(); k != nil {
+			keep = *k
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		go func() {
+			select {
+			case <-s.stop:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+		ev, err := s.Evict(ctx, want, keep)
+		cancel()
+		level := s.log.Info
+		if err != nil || ev.Bytes < want {
+			level = s.log.Warn
+		}
+		level("eviction pass", "freed", ev.Bytes, "wanted", want, "blobs", ev.Blobs, "manifests", ev.Manifests,
+			"usage_before", before, "usage_after", s.Usage(), "max_size", b.MaxSize,
+			"duration", time.Since(start).Round(time.Millisecond), "err", errString(err))
+	}
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
+
+// kickBudget asks for a check of the budget now (after a commit).
+func (s *Badger) kickBudget() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// checkBudget validates a budget and fills its defaults.
+func checkBudget(b *Budget) error {
+	if b.High == 0 {
+		b.High = 0.95
+	}
+	if b.Low == 0 {
+		b.Low = 0.85
+	}
+	if b.Interval <= 0 {
+		b.Interval = 10 * time.Second
+	}
+	if b.MaxSize < 0 || b.MinFree < 0 || b.Low <= 0 || b.High > 1 || b.Low >= b.High {
+		return fmt.Errorf("cache: bad budget: max %d, high %.2f, low %.2f, min free %d", b.MaxSize, b.High, b.Low, b.MinFree)
+	}
+	return nil
+}
