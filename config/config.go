@@ -228,17 +228,24 @@ func (s *Size) UnmarshalText(b []byte) error {
 // MarshalText writes the size in bytes.
 func (s Size) MarshalText() ([]byte, error) { return []byte(strconv.FormatInt(s.Bytes, 10)), nil }
 
-func (s *Size) parse(field string) error {
+// parse reads the size, which must lie between 1 KiB and max.
+func (s *Size) parse(field string, max uint64) error {
 	if s.raw == "" {
 		return nil
 	}
 	v, err := humanize.ParseBytes(s.raw)
-	if err != nil || v < 1<<10 || v > 1<<50 {
-		return fmt.Errorf("%s: invalid size %q (use a value such as 64MiB, between 1KiB and 1PiB)", field, s.raw)
+	if err != nil || v < 1<<10 || v > max {
+		return fmt.Errorf("%s: invalid size %q (use a value such as 64MiB, between 1KiB and %s)", field, s.raw, humanize.IBytes(max))
 	}
 	s.Bytes, s.raw = int64(v), ""
 	return nil
 }
+
+// Bounds of sizes: memory budgets, and disk ones.
+const (
+	maxMemorySize = 1 << 40
+	maxDiskSize   = 1 << 60
+)
 
 // Bytes returns a Size of n bytes.
 func Bytes(n int64) Size { return Size{Bytes: n} }
@@ -411,10 +418,10 @@ func (c *Config) Validate() error {
 	if c.Storage.Path == "" {
 		return errors.New("storage.path: must not be empty")
 	}
-	if err := c.Storage.MaxSize.parse("storage.maxSize"); err != nil {
+	if err := c.Storage.MaxSize.parse("storage.maxSize", maxDiskSize); err != nil {
 		return err
 	}
-	if err := c.Storage.MinFree.parse("storage.minFree"); err != nil {
+	if err := c.Storage.MinFree.parse("storage.minFree", maxDiskSize); err != nil {
 		return err
 	}
 	if h, l := c.Storage.HighWatermark, c.Storage.LowWatermark; h < 1 || h > 100 || l < 1 || l >= h {
@@ -424,7 +431,7 @@ func (c *Config) Validate() error {
 		name string
 		v    *Size
 	}{{"cache.manifestBytes", &c.Cache.ManifestBytes}, {"cache.metadataBytes", &c.Cache.MetadataBytes}, {"cache.tagListBytes", &c.Cache.TagListBytes}} {
-		if err := f.v.parse(f.name); err != nil {
+		if err := f.v.parse(f.name, maxMemorySize); err != nil {
 			return err
 		}
 	}

@@ -132,6 +132,15 @@ func checkValid(t *testing.T, c Config) {
 			t.Fatalf("cache size %+v", s)
 		}
 	}
+	st := c.Storage
+	for _, s := range []Size{st.MaxSize, st.MinFree} {
+		if s.Bytes != 0 && (s.Bytes < 1<<10 || s.Bytes > 1<<60) || s.raw != "" {
+			t.Fatalf("storage size %+v", s)
+		}
+	}
+	if st.LowWatermark < 1 || st.LowWatermark >= st.HighWatermark || st.HighWatermark > 100 {
+		t.Fatalf("watermarks %d %d", st.LowWatermark, st.HighWatermark)
+	}
 	if c.Cache.ManifestEntries < 0 || c.Cache.MetadataEntries < 0 || c.Uploads.Max < 1 || c.Uploads.PerClient < 1 {
 		t.Fatalf("cache %+v uploads %+v", c.Cache, c.Uploads)
 	}
