@@ -218,8 +218,20 @@ func (c *cursor) find(suffix []byte) bool {
 
 func (c *cursor) close() { c.it.Close() }
 
-// evictOne removes one candidate unless it became data meanwhile.
+// evictOne removes one candidate unless it became data meanwhile. The LRU
+// above is told after the digest's lock is released: its own lock is
+// taken before the digest's on commits.
 func (s *Badger) evictOne(ctx context.Context, c candidate) (bool, error) {
+	ok, err := s.evictLocked(ctx, c)
+	if ok {
+		if hook := s.onEvict.Load(); hook != nil {
+			(*hook)(c.kind, c.d)
+		}
+	}
+	return ok, err
+}
+
+func (s *Badger) evictLocked(ctx context.Context, c candidate) (bool, error) {
 	unlock := s.lockDigest(c.d)
 	defer unlock()
 	if err := s.get(dataKey(c.kind, c.d), func([]byte) error { return nil }); err == nil {
@@ -228,16 +240,9 @@ func (s *Badger) evictOne(ctx context.Context, c candidate) (bool, error) {
 		return false, err
 	}
 	if c.kind == LinkBlob {
-		if err := s.deleteBlobLocked(ctx, c.d); err != nil {
-			return false, err
-		}
-	} else if err := s.evictManifest(ctx, c.d); err != nil {
-		return false, err
+		return true, s.deleteBlobLocked(ctx, c.d)
 	}
-	if hook := s.onEvict.Load(); hook != nil {
-		(*hook)(c.kind, c.d)
-	}
-	return true, nil
+	return true, s.evictManifest(ctx, c.d)
 }
 
 // evictManifest deletes a manifest and its entries in the referrers index

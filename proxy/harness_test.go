@@ -69,6 +69,7 @@ type env struct {
 	bodyIdle    time.Duration
 	wrapStore   func(cache.Store) cache.Store
 	lruBytes    int64
+	budget      cache.Budget
 
 	badger *cache.Badger
 	store  cache.Store
@@ -90,6 +91,7 @@ func withUploadLimits(total, perClient int, idle, body time.Duration) option {
 }
 func withStore(wrap func(cache.Store) cache.Store) option { return func(e *env) { e.wrapStore = wrap } }
 func withLRUBytes(n int64) option                         { return func(e *env) { e.lruBytes = n } }
+func withBudget(b cache.Budget) option                    { return func(e *env) { e.budget = b } }
 func withTracer(tp trace.TracerProvider) option {
 	return func(e *env) { e.tracer = tp }
 }
@@ -118,7 +120,7 @@ func start(t testing.TB, opts ...option) (*env, *registrytest.Registry) {
 func (e *env) open() {
 	t := e.t
 	var err error
-	e.badger, err = cache.OpenBadger(cache.BadgerOptions{Path: e.dir, Logger: testLogger(t)})
+	e.badger, err = cache.OpenBadger(cache.BadgerOptions{Path: e.dir, Logger: testLogger(t), Budget: e.budget})
 	if err != nil {
 		t.Fatal(err)
 	}

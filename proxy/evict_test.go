@@ -1,0 +1,92 @@
+package proxy_test
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/ocimirror/ocimirror/cache"
+	"github.com/ocimirror/ocimirror/internal/registrytest"
+)
+
+// duOf is what du counts for a directory: the blocks its files use.
+func duOf(t *testing.T, dir string) int64 {
+	t.Helper()
+	var n int64
+	_ = filepath.Walk(dir, func(_ string, info os.FileInfo, err error) error {
+		if err == nil && !info.IsDir() {
+			if st, ok := info.Sys().(*syscall.Stat_t); ok {
+				n += st.Blocks * 512
+			}
+		}
+		return nil
+	})
+	return n
+}
+
+// Eviction under load: readers pull far more distinct content than the
+// budget holds. None gets a truncated or wrong blob; after the passes the
+// data directory is under the budget; hosted content survives.
+func TestProxy_Evict_UnderLoad(t *testing.T) {
+	const budget = 4 << 20
+	e, reg := start(t, withHosted("ci/"), withBudget(cache.Budget{MaxSize: budget, Interval: 20 * time.Millisecond}))
+	keep := e.pushImage("ci/keep", "v1")
+	var blobs []digest.Digest
+	for i := range 40 {
+		blobs = append(blobs, reg.PushBlob(t, "app", registrytest.RandomBytes(256<<10+i)))
+	}
+	var wrong, ok atomic.Int32
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for round := range 3 {
+				for i := range blobs {
+					d := blobs[(i+w*10+round*7)%len(blobs)]
+					resp, err := http.Get(e.ts.URL + "/v2/app/blobs/" + d.String())
+					if err != nil {
+						wrong.Add(1)
+						continue
+					}
+					h := sha256.New()
+					n, err := io.Copy(h, resp.Body)
+					resp.Body.Close()
+					if err != nil || resp.StatusCode != 200 || "sha256:"+hex.EncodeToString(h.Sum(nil)) != d.String() || n != resp.ContentLength {
+						wrong.Add(1)
+						continue
+					}
+					ok.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if n := wrong.Load(); n != 0 {
+		t.Fatalf("%d pulls failed or were wrong (%d right)", n, ok.Load())
+	}
+	waitFor(t, "the budget", func() bool { return float64(e.badger.Usage()) <= 0.95*budget })
+	if du := duOf(t, e.dir); du > budget {
+		t.Fatalf("the data directory holds %d bytes, over the budget of %d", du, budget)
+	}
+	expect(t, "hosted image", e.get("/v2/ci/keep/manifests/v1"), 200, keep.manifest)
+	expect(t, "hosted layer", e.get("/v2/ci/keep/blobs/"+keep.layerD.String()), 200, keep.layer)
+	// Evicted content comes back on its next request.
+	reg.ResetCounts()
+	r := e.get("/v2/app/blobs/" + blobs[0].String())
+	if r.status != 200 || digest.FromBytes(r.body) != blobs[0] {
+		t.Fatalf("an evicted blob: %d", r.status)
+	}
+	t.Logf("%d verified pulls; usage %d of %d; upstream GETs for the last: %d", ok.Load(), e.badger.Usage(), budget,
+		reg.Count(http.MethodGet, "blobs"))
+}
