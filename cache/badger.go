@@ -32,6 +32,7 @@ import (
 //	l<upstream>0<repo>0<kind><digest>   a repository's link to content it holds (origin)
 //	L<kind><digest>0<upstream>0<repo>   the same link, reversed: who holds a digest
 //	D<kind><digest>            content that is data (a hosted or pushed link), never evicted
+//	g<kind><digest>            content no repository holds: since when (garbage after a grace)
 //	!schema                    the key layout's version
 //
 // Layout 1 (before blob files) also had c<fill ID><index> blob chunks and
@@ -47,6 +48,7 @@ const (
 	kindLink     = 'l'
 	kindHolder   = 'L'
 	kindData     = 'D'
+	kindUnheld   = 'g'
 	kindUpRefs   = 'u'
 
 	encodingV1 = 1
@@ -65,6 +67,11 @@ type BadgerOptions struct {
 	AccessFlushInterval time.Duration
 	// Budget bounds the disk use; eviction passes keep to it.
 	Budget Budget
+	// GCGrace is how long data nothing references stays before it is
+	// collected (DefaultGCGrace if 0); CollectInterval is how often a
+	// collection runs (1h if 0, none if negative).
+	GCGrace         time.Duration
+	CollectInterval time.Duration
 	// Clock is the time source of access times (tests); time.Now if nil.
 	Clock func() time.Time
 }
@@ -74,11 +81,14 @@ type BadgerOptions struct {
 // Badger database.
 type Badger struct {
 	db    *badger.DB
+	dbDir string
 	files *blobFiles
 	log   *slog.Logger
 
-	// blobBytes is the size of every committed blob file.
+	// blobBytes is the size of every committed blob file; blobDisk, the
+	// disk they take (whole blocks).
 	blobBytes atomic.Int64
+	blobDisk  atomic.Int64
 	// commitLocks serialize the writes of one digest's bytes and links
 	// (by its first byte).
 	commitLocks [64]sync.Mutex
@@ -122,6 +132,12 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 	if opts.Clock == nil {
 		opts.Clock = time.Now
 	}
+	if opts.GCGrace <= 0 {
+		opts.GCGrace = DefaultGCGrace
+	}
+	if opts.CollectInterval == 0 {
+		opts.CollectInterval = time.Hour
+	}
 	if err := checkBudget(&opts.Budget); err != nil {
 		return nil, err
 	}
@@ -132,12 +148,14 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 	if err := migrateChunkedLayout(opts, files); err != nil {
 		return nil, err
 	}
-	db, err := badger.Open(badgerOptions(opts, filepath.Join(opts.Path, "db")))
+	dbDir := filepath.Join(opts.Path, "db")
+	db, err := badger.Open(badgerOptions(opts, dbDir))
 	if err != nil {
 		return nil, fmt.Errorf("cache: open %s: %w", opts.Path, err)
 	}
 	s := &Badger{
 		db:       db,
+		dbDir:    dbDir,
 		files:    files,
 		log:      opts.Logger,
 		accessed: map[digest.Digest]int64{},
@@ -171,6 +189,10 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 		s.wg.Add(1)
 		go s.keepBudget(opts.Budget)
 		s.kickBudget()
+	}
+	if opts.CollectInterval > 0 {
+		s.wg.Add(1)
+		go s.collectPeriodically(opts.GCGrace, opts.CollectInterval)
 	}
 	return s, nil
 }
@@ -351,10 +373,17 @@ func (s *Badger) commitFile(f *os.File, d digest.Digest, size int64) error {
 	if err := s.files.place(f, d); err != nil {
 		return err
 	}
-	if err := s.db.Update(func(txn *badger.Txn) error { return txn.Set(blobKey(d), encodeBlobSize(size)) }); err != nil {
+	err := s.db.Update(func(txn *badger.Txn) error {
+		if err := txn.Set(blobKey(d), encodeBlobSize(size)); err != nil {
+			return err
+		}
+		return markHolders(txn, LinkBlob, d, s.now())
+	})
+	if err != nil {
 		return err
 	}
 	s.blobBytes.Add(size)
+	s.blobDisk.Add(onDisk(size))
 	if s.budget {
 		s.kickBudget()
 	}
@@ -406,8 +435,14 @@ func (s *Badger) deleteBlobLocked(ctx context.Context, d digest.Digest) error {
 	delete(s.accessed, d)
 	s.accessMu.Unlock()
 	s.blobBytes.Add(-info.Size)
+	s.blobDisk.Add(-onDisk(info.Size))
 	return s.files.remove(d)
 }
+
+// blockSize is the filesystem block a file's size is rounded up to on disk.
+const blockSize = 4096
+
+func onDisk(size int64) int64 { return (size + blockSize - 1) / blockSize * blockSize }
 
 // BlobBytes is the size of the committed blob files.
 func (s *Badger) BlobBytes() int64 { return s.blobBytes.Load() }
@@ -418,13 +453,14 @@ func (s *Badger) BlobBytes() int64 { return s.blobBytes.Load() }
 // byte count is taken from what remains.
 func (s *Badger) checkBlobs() error {
 	var missing [][]byte
-	var total int64
+	var total, disk int64
 	err := s.scan([]byte{kindBlob}, true, func(key, v []byte) error {
 		d := digest.Digest(key[1:])
 		size, err := decodeBlobSize(v)
 		if err == nil && d.Validate() == nil {
 			if info, err := os.Stat(s.files.path(d)); err == nil && info.Size() == size {
 				total += size
+				disk += onDisk(size)
 				return nil
 			}
 		}
@@ -465,6 +501,7 @@ func (s *Badger) checkBlobs() error {
 		s.log.Warn("blob files without an index entry removed", "count", strays, "bytes", strayBytes)
 	}
 	s.blobBytes.Store(total)
+	s.blobDisk.Store(disk)
 	return nil
 }
 
@@ -553,7 +590,13 @@ func (s *Badger) PutManifest(_ context.Context, m Manifest) error {
 	v = append(v, encodingV1)
 	v = appendString(v, m.MediaType)
 	v = append(v, m.Data...)
-	if err := s.db.Update(func(txn *badger.Txn) error { return txn.Set(manifestKey(m.Digest), v) }); err != nil {
+	err := s.db.Update(func(txn *badger.Txn) error {
+		if err := txn.Set(manifestKey(m.Digest), v); err != nil {
+			return err
+		}
+		return markHolders(txn, LinkManifest, m.Digest, s.now())
+	})
+	if err != nil {
 		return fmt.Errorf("cache: put manifest %s: %w", m.Digest, err)
 	}
 	s.Touch(m.Digest)
@@ -788,9 +831,7 @@ func (s *Badger) Link(_ context.Context, k RepoKey, kind LinkKind, d digest.Dige
 		if item, err := txn.Get(key); err == nil {
 			var old LinkOrigin
 			_ = item.Value(func(v []byte) error {
-				if len(v) == 1 {
-					old = LinkOrigin(v[0])
-				}
+				old = linkOrigin(v)
 				return nil
 			})
 			if old == origin || old == OriginUpstream {
@@ -799,14 +840,14 @@ func (s *Badger) Link(_ context.Context, k RepoKey, kind LinkKind, d digest.Dige
 		} else if !errors.Is(err, badger.ErrKeyNotFound) {
 			return err
 		}
-		v := []byte{byte(origin)}
+		v := linkValue(origin, s.now())
 		if err := txn.Set(key, v); err != nil {
 			return err
 		}
 		if err := txn.Set(holderKey(k, kind, d), v); err != nil {
 			return err
 		}
-		return markData(txn, kind, d)
+		return markHolders(txn, kind, d, s.now())
 	})
 }
 
@@ -829,7 +870,7 @@ func (s *Badger) Unlink(_ context.Context, k RepoKey, kind LinkKind, d digest.Di
 		if err := txn.Delete(holderKey(k, kind, d)); err != nil {
 			return err
 		}
-		return markData(txn, kind, d)
+		return markHolders(txn, kind, d, s.now())
 	})
 	return existed, err
 }
@@ -845,27 +886,64 @@ func isDataLink(holder []byte, origin LinkOrigin, prefixLen int) bool {
 	return origin != OriginUpstream || len(holder) > prefixLen && holder[prefixLen] == 0 // upstream "": hosted
 }
 
-// markData sets or clears content's data marker from its holders.
-func markData(txn *badger.Txn, kind LinkKind, d digest.Digest) error {
+// markHolders keeps content's markers true to its holders: the data
+// marker when a hosted or pushed link holds it, the unheld marker (since
+// when nothing holds it: garbage after the grace period) when none does.
+func markHolders(txn *badger.Txn, kind LinkKind, d digest.Digest, now time.Time) error {
 	prefix := holderPrefix(kind, d)
 	it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: false})
-	data := false
+	data, held := false, false
 	for it.Rewind(); it.Valid() && !data; it.Next() {
 		item := it.Item()
-		origin := OriginPushed
+		held = true
 		_ = item.Value(func(v []byte) error {
-			if len(v) == 1 {
-				origin = LinkOrigin(v[0])
-			}
+			data = isDataLink(item.Key(), linkOrigin(v), len(prefix))
 			return nil
 		})
-		data = isDataLink(item.Key(), origin, len(prefix))
 	}
 	it.Close()
 	if data {
-		return txn.Set(dataKey(kind, d), nil)
+		if err := txn.Set(dataKey(kind, d), nil); err != nil {
+			return err
+		}
+	} else if err := txn.Delete(dataKey(kind, d)); err != nil {
+		return err
 	}
-	return txn.Delete(dataKey(kind, d))
+	if held {
+		return txn.Delete(unheldKey(kind, d))
+	}
+	if _, err := txn.Get(unheldKey(kind, d)); err == nil {
+		return nil // unheld since earlier
+	} else if !errors.Is(err, badger.ErrKeyNotFound) {
+		return err
+	}
+	return txn.Set(unheldKey(kind, d), binary.BigEndian.AppendUint64(nil, uint64(now.Unix())))
+}
+
+// unheldKey marks content that no repository holds, with since when.
+func unheldKey(kind LinkKind, d digest.Digest) []byte {
+	return append([]byte{kindUnheld, byte(kind)}, d...)
+}
+
+// A link's value: its origin, then (since layout 3) when it was made, in
+// unix seconds.
+func linkValue(origin LinkOrigin, at time.Time) []byte {
+	return binary.BigEndian.AppendUint64([]byte{byte(origin)}, uint64(at.Unix()))
+}
+
+func linkOrigin(v []byte) LinkOrigin {
+	if len(v) == 0 {
+		return OriginPushed // links written before origins were kept were pushes
+	}
+	return LinkOrigin(v[0])
+}
+
+// linkTime is when a link was made; zero for links older than layout 3.
+func linkTime(v []byte) time.Time {
+	if len(v) < 9 {
+		return time.Time{}
+	}
+	return time.Unix(int64(binary.BigEndian.Uint64(v[1:9])), 0)
 }
 
 // lockDigest serializes the writes of one digest's links and bytes (by
@@ -885,10 +963,7 @@ func (s *Badger) lockDigest(d digest.Digest) func() {
 func (s *Badger) Linked(_ context.Context, k RepoKey, kind LinkKind, d digest.Digest) (LinkOrigin, bool, error) {
 	var origin LinkOrigin
 	err := s.get(linkKey(k, kind, d), func(v []byte) error {
-		origin = OriginPushed // links written before origins were kept were pushes
-		if len(v) == 1 {
-			origin = LinkOrigin(v[0])
-		}
+		origin = linkOrigin(v)
 		return nil
 	})
 	if errors.Is(err, ErrNotFound) {
@@ -904,7 +979,7 @@ func (s *Badger) UpstreamHolds(_ context.Context, upstream string, kind LinkKind
 	prefix = append(prefix, 0)
 	found := false
 	err := s.scan(prefix, true, func(_, v []byte) error {
-		if len(v) == 1 && LinkOrigin(v[0]) == OriginUpstream {
+		if len(v) > 0 && linkOrigin(v) == OriginUpstream {
 			found = true
 			return errStopScan
 		}
@@ -950,6 +1025,9 @@ func (s *Badger) migrate() error {
 	}
 	if err := s.markAllData(); err != nil {
 		return fmt.Errorf("cache: mark data: %w", err)
+	}
+	if err := s.markAllUnheld(); err != nil {
+		return fmt.Errorf("cache: mark unheld content: %w", err)
 	}
 	return s.db.Update(func(txn *badger.Txn) error { return txn.Set(schemaKey, []byte{schemaVersion}) })
 }
@@ -997,6 +1075,49 @@ func (s *Badger) migrateLinks() error {
 	return nil
 }
 
+// markAllUnheld marks the blobs and manifests that no repository holds
+// (content an older version cached or unlinked): garbage after the grace
+// period, counted from now.
+func (s *Badger) markAllUnheld() error {
+	wb := s.db.NewWriteBatch()
+	defer wb.Cancel()
+	since := binary.BigEndian.AppendUint64(nil, uint64(s.now().Unix()))
+	marked := 0
+	err := s.db.View(func(txn *badger.Txn) error {
+		holders := txn.NewIterator(badger.IteratorOptions{PrefetchValues: false})
+		defer holders.Close()
+		for _, kind := range []LinkKind{LinkBlob, LinkManifest} {
+			prefix := []byte{kindBlob}
+			if kind == LinkManifest {
+				prefix = []byte{kindManifest}
+			}
+			it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: false})
+			for it.Rewind(); it.Valid(); it.Next() {
+				d := digest.Digest(it.Item().Key()[1:])
+				hp := holderPrefix(kind, d)
+				holders.Seek(hp)
+				if holders.ValidForPrefix(hp) {
+					continue
+				}
+				marked++
+				if err := wb.Set(unheldKey(kind, d), since); err != nil {
+					it.Close()
+					return err
+				}
+			}
+			it.Close()
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if marked > 0 {
+		s.log.Info("store migrated: unheld content marked", "count", marked)
+	}
+	return wb.Flush()
+}
+
 // markAllData writes the data marker of all content that some hosted or
 // pushed link holds, from the holder keys (sorted, so one content's
 // holders come together).
@@ -1011,11 +1132,7 @@ func (s *Badger) markAllData() error {
 			return nil
 		}
 		content := key[:2+i] // L<kind><digest>
-		origin := OriginPushed
-		if len(v) == 1 {
-			origin = LinkOrigin(v[0])
-		}
-		if !isDataLink(key, origin, len(content)+1) || bytes.Equal(content, last) {
+		if !isDataLink(key, linkOrigin(v), len(content)+1) || bytes.Equal(content, last) {
 			return nil
 		}
 		last = bytes.Clone(content)

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"os"
 	"slices"
 	"syscall"
 	"time"
@@ -80,7 +81,7 @@ func (s *Badger) Evict(ctx context.Context, want int64, keep func(LinkKind, dige
 				continue
 			}
 			evicted = true
-			ev.Bytes += c.size
+			ev.Bytes += onDisk(c.size)
 			if c.kind == LinkBlob {
 				ev.Blobs++
 			} else {
@@ -294,11 +295,30 @@ func (s *Badger) OnEvict(f func(LinkKind, digest.Digest)) { s.onEvict.Store(&f) 
 // SetKeep sets what eviction must keep besides data (pins).
 func (s *Badger) SetKeep(f func(LinkKind, digest.Digest) bool) { s.keep.Store(&f) }
 
-// Usage is the store's disk use as eviction counts it: blob files plus
-// the database's files.
+// Usage is the store's disk use as du counts it: the blocks of the blob
+// files, plus those of the database's files (read from the filesystem:
+// Badger's own figure is refreshed once a minute).
 func (s *Badger) Usage() int64 {
-	lsm, vlog := s.db.Size()
-	return s.blobBytes.Load() + lsm + vlog
+	return s.blobDisk.Load() + s.dbDisk()
+}
+
+func (s *Badger) dbDisk() int64 {
+	var n int64
+	entries, err := os.ReadDir(s.dbDir)
+	if err != nil {
+		lsm, vlog := s.db.Size()
+		return lsm + vlog
+	}
+	for _, e := range entries {
+		if info, err := e.Info(); err == nil {
+			if st, ok := info.Sys().(*syscall.Stat_t); ok {
+				n += st.Blocks * 512
+			} else {
+				n += info.Size()
+			}
+		}
+	}
+	return n
 }
 
 // freeSpace is the free space of the data directory's filesystem.

@@ -133,6 +133,16 @@ func (c *LRU) StatBlob(ctx context.Context, d digest.Digest) (BlobInfo, error) {
 	return c.blobs.get(d, func() (BlobInfo, error) { return c.Store.StatBlob(ctx, d) })
 }
 
+// OpenBlob implements BlobStore. A blob the store no longer has (evicted
+// or collected between a stat and this open) leaves the LRU at once.
+func (c *LRU) OpenBlob(ctx context.Context, d digest.Digest) (BlobReader, error) {
+	r, err := c.Store.OpenBlob(ctx, d)
+	if errors.Is(err, ErrNotFound) {
+		c.forget(LinkBlob, d)
+	}
+	return r, err
+}
+
 // DeleteBlob implements BlobStore.
 func (c *LRU) DeleteBlob(ctx context.Context, d digest.Digest) error {
 	return c.blobs.write(d, nil, func() error { return c.Store.DeleteBlob(ctx, d) })
@@ -151,26 +161,6 @@ func (c *LRU) PutTag(ctx context.Context, k TagKey, e TagEntry) error {
 // DeleteTag implements TagStore.
 func (c *LRU) DeleteTag(ctx context.Context, k TagKey) error {
 	return c.tags.write(k, nil, func() error { return c.Store.DeleteTag(ctx, k) })
-}
-
-// CreateBlob implements BlobStore; a commit also enters the LRU.
-func (c *LRU) CreateBlob(ctx context.Context) (BlobWriter, error) {
-	w, err := c.Store.CreateBlob(ctx)
-	if err != nil {
-		return nil, err
-	}
-	return &lruWriter{BlobWriter: w, c: c}, nil
-}
-
-type lruWriter struct {
-	BlobWriter
-	c *LRU
-}
-
-func (w *lruWriter) Commit(ctx context.Context, d digest.Digest, size int64) error {
-	// The store keeps the first commit of a digest: the LRU learns the
-	// size from the store, not from this writer.
-	return w.c.blobs.write(d, nil, func() error { return w.BlobWriter.Commit(ctx, d, size) })
 }
 
 // Link implements RepoLinks. The store decides the origin (an upstream

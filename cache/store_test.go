@@ -885,9 +885,10 @@ func TestBadger_Evict(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	ev, err := b.Evict(ctx, 3000, nil)
-	if err != nil || ev.Blobs != 3 || ev.Bytes != 3000 {
-		t.Fatalf("evict 3000 bytes: %+v %v", ev, err)
+	// Eviction counts disk: 1000-byte blobs take a 4 KiB block each.
+	ev, err := b.Evict(ctx, 3*4096, nil)
+	if err != nil || ev.Blobs != 3 || ev.Bytes != 3*4096 {
+		t.Fatalf("evict three blobs' disk: %+v %v", ev, err)
 	}
 	gone := []digest.Digest{cached[2], cached[3], cached[4]}
 	for _, d := range gone {
@@ -961,5 +962,97 @@ func TestBadger_Budget(t *testing.T) {
 	}
 	if du := dirSize(t, dir); du > max {
 		t.Fatalf("du %d over the budget %d", du, max)
+	}
+}
+
+// Garbage collection of data: a blob pushed to a repository that no
+// manifest of it names, and content no repository holds, go once they have
+// been so for the grace period; referenced data, cached content and
+// uploads in progress stay. A dry run changes nothing.
+func TestBadger_CollectGarbage(t *testing.T) {
+	dir := t.TempDir()
+	now := time.Unix(2_000_000, 0)
+	var mu sync.Mutex
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir, Clock: clock, CollectInterval: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	ctx := context.Background()
+	hosted := cache.RepoKey{Repo: "ci/app"}
+	link := func(k cache.RepoKey, d digest.Digest, o cache.LinkOrigin) {
+		if err := b.Link(ctx, k, cache.LinkBlob, d, o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	layer := writeBlob(t, b, randomBytes(3<<20))
+	link(hosted, layer, cache.OriginPushed)
+	cfg := writeBlob(t, b, []byte("{}"))
+	link(hosted, cfg, cache.OriginPushed)
+	orphan := writeBlob(t, b, randomBytes(2<<20)) // uploaded, never named by a manifest
+	link(hosted, orphan, cache.OriginPushed)
+	deleted := writeBlob(t, b, randomBytes(1<<20)) // pushed, then DELETEd
+	link(hosted, deleted, cache.OriginPushed)
+	_, _ = b.Unlink(ctx, hosted, cache.LinkBlob, deleted)
+	cached := writeBlob(t, b, randomBytes(1000)) // a proxied repository's
+	link(cache.RepoKey{Upstream: "up", Repo: "app"}, cached, cache.OriginUpstream)
+	body := []byte(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"a/b","digest":"` +
+		cfg.String() + `","size":2},"layers":[{"mediaType":"a/c","digest":"` + layer.String() + `","size":3145728}]}`)
+	m := cache.Manifest{Digest: digest.FromBytes(body), MediaType: v1.MediaTypeImageManifest, Data: body}
+	_ = b.PutManifest(ctx, m)
+	_ = b.Link(ctx, hosted, cache.LinkManifest, m.Digest, cache.OriginPushed)
+	upload, _ := b.CreateBlob(ctx) // in progress
+	_, _ = upload.Write(randomBytes(1000))
+	defer upload.Cancel(ctx)
+
+	advance(time.Hour)
+	if c, err := b.CollectGarbage(ctx, 24*time.Hour, false); err != nil || len(c.Items) != 0 {
+		t.Fatalf("within the grace: %+v %v", c, err)
+	}
+	advance(24 * time.Hour)
+	dry, err := b.CollectGarbage(ctx, 24*time.Hour, true)
+	if err != nil || len(dry.Items) != 2 || dry.Bytes != 3<<20 {
+		t.Fatalf("dry run: %+v %v", dry, err)
+	}
+	for _, d := range []digest.Digest{orphan, deleted} {
+		if _, err := b.StatBlob(ctx, d); err != nil {
+			t.Fatalf("a dry run deleted %s", d)
+		}
+	}
+	before := dirSize(t, dir)
+	c, err := b.CollectGarbage(ctx, 24*time.Hour, false)
+	if err != nil || len(c.Items) != 2 || c.Bytes != 3<<20 {
+		t.Fatalf("collection: %+v %v", c, err)
+	}
+	if freed := before - dirSize(t, dir); freed < 3<<20 {
+		t.Fatalf("the collection freed %d bytes of disk", freed)
+	}
+	for _, d := range []digest.Digest{orphan, deleted} {
+		if _, err := b.StatBlob(ctx, d); !errors.Is(err, cache.ErrNotFound) {
+			t.Errorf("%s survived", d)
+		}
+	}
+	for _, d := range []digest.Digest{layer, cfg, cached} {
+		if _, err := b.StatBlob(ctx, d); err != nil {
+			t.Errorf("%s was collected", d)
+		}
+	}
+	if _, ok, _ := b.Linked(ctx, hosted, cache.LinkBlob, orphan); ok {
+		t.Error("the orphan's link survived")
+	}
+	if _, err := b.GetManifest(ctx, m.Digest); err != nil {
+		t.Error("the manifest was collected")
+	}
+	if upload.Size() != 1000 {
+		t.Error("the upload in progress was touched")
+	}
+	// A manifest deleted from its repository goes too, after the grace.
+	_, _ = b.Unlink(ctx, hosted, cache.LinkManifest, m.Digest)
+	advance(25 * time.Hour)
+	c, _ = b.CollectGarbage(ctx, 24*time.Hour, false)
+	if _, err := b.GetManifest(ctx, m.Digest); !errors.Is(err, cache.ErrNotFound) {
+		t.Errorf("an unlinked manifest survived: %+v", c)
 	}
 }

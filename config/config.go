@@ -64,6 +64,8 @@ type Storage struct {
 	LowWatermark  int `yaml:"lowWatermark"`
 	// MinFree is free space to keep on the filesystem, for a shared disk; unset, none.
 	MinFree Size `yaml:"minFree"`
+	// GCGrace is how long data nothing references any more stays before it is deleted (24h).
+	GCGrace Duration `yaml:"gcGrace"`
 }
 
 // Cache configures what is held in memory above the store. Every part is
@@ -262,7 +264,7 @@ const DockerHub = "docker.io"
 func Default() Config {
 	return Config{
 		Listen:          ":5000",
-		Storage:         Storage{Path: "./ocimirror-data", HighWatermark: 95, LowWatermark: 85},
+		Storage:         Storage{Path: "./ocimirror-data", HighWatermark: 95, LowWatermark: 85, GCGrace: Dur(24 * time.Hour)},
 		Cache:           Cache{ManifestBytes: Bytes(64 << 20), MetadataBytes: Bytes(16 << 20), TagListBytes: Bytes(32 << 20)},
 		Uploads:         Uploads{Max: 4096, PerClient: 64, Idle: Dur(5 * time.Minute)},
 		DefaultUpstream: DockerHub,
@@ -326,6 +328,9 @@ func (c *Config) merge(f Config) {
 	}
 	if f.Storage.MinFree.raw != "" || f.Storage.MinFree.Bytes != 0 {
 		c.Storage.MinFree = f.Storage.MinFree
+	}
+	if f.Storage.GCGrace.raw != "" || f.Storage.GCGrace.Duration != 0 {
+		c.Storage.GCGrace = f.Storage.GCGrace
 	}
 	if f.Storage.HighWatermark != 0 {
 		c.Storage.HighWatermark = f.Storage.HighWatermark
@@ -423,6 +428,12 @@ func (c *Config) Validate() error {
 	}
 	if err := c.Storage.MinFree.parse("storage.minFree", maxDiskSize); err != nil {
 		return err
+	}
+	if err := c.Storage.GCGrace.parse("storage.gcGrace"); err != nil {
+		return err
+	}
+	if c.Storage.GCGrace.Duration < time.Minute {
+		return fmt.Errorf("storage.gcGrace: %s must be at least 1m", c.Storage.GCGrace.Duration)
 	}
 	if h, l := c.Storage.HighWatermark, c.Storage.LowWatermark; h < 1 || h > 100 || l < 1 || l >= h {
 		return fmt.Errorf("storage.highWatermark %d and storage.lowWatermark %d: want 0 < low < high <= 100 (percent of maxSize)", h, l)

@@ -58,21 +58,29 @@ func (u *upstreamState) blob(w http.ResponseWriter, r *http.Request, q *request)
 	if r.Method == http.MethodHead {
 		return u.headBlob(w, r, q)
 	}
-	f, started, err := s.joinFill(ctx, q)
-	if err != nil {
-		return err
-	}
-	if f != nil {
-		defer f.release()
-	}
-	if f == nil {
-		info, err := s.heldBlob(ctx, q)
-		if err != nil {
+	var f *blobFill
+	var started bool
+	for attempt := 0; f == nil; attempt++ {
+		if f, started, err = s.joinFill(ctx, q); err != nil {
 			return err
 		}
-		q.setCache("hit")
-		return s.serveStored(w, r, q, info.Size)
+		if f != nil {
+			break
+		}
+		// Held after all; unless it is evicted as we go to read it, when
+		// a fill it is.
+		info, err := s.heldBlob(ctx, q)
+		if err == nil {
+			if err = s.serveStored(w, r, q, info.Size); !errors.Is(err, cache.ErrNotFound) {
+				q.setCache("hit")
+				return err
+			}
+		}
+		if !errors.Is(err, cache.ErrNotFound) || attempt == 2 {
+			return err
+		}
 	}
+	defer f.release()
 	q.setCache(missOrCoalesced(!started))
 	if f.repo != q.repo && !linked {
 		// The fill is another repository's: this one must hold the blob too.

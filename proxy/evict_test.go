@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"io"
@@ -64,6 +65,7 @@ func TestProxy_Evict_UnderLoad(t *testing.T) {
 					resp.Body.Close()
 					if err != nil || resp.StatusCode != 200 || "sha256:"+hex.EncodeToString(h.Sum(nil)) != d.String() || n != resp.ContentLength {
 						wrong.Add(1)
+						t.Errorf("pull of %s: status %d, %d of %d bytes, err %v", d, resp.StatusCode, n, resp.ContentLength, err)
 						continue
 					}
 					ok.Add(1)
@@ -89,4 +91,25 @@ func TestProxy_Evict_UnderLoad(t *testing.T) {
 	}
 	t.Logf("%d verified pulls; usage %d of %d; upstream GETs for the last: %d", ok.Load(), e.badger.Usage(), budget,
 		reg.Count(http.MethodGet, "blobs"))
+}
+
+// Deleting hosted content really frees disk: once the grace period has
+// passed, a collection gives the deleted bytes back.
+func TestProxy_GC_DeleteFreesDisk(t *testing.T) {
+	e, _ := start(t, withHosted("ci/"))
+	big := registrytest.RandomBytes(4 << 20)
+	d := e.pushBlob("ci/app", big)
+	keep := e.pushImage("ci/keep", "v1")
+	expect(t, "delete", e.do(http.MethodDelete, "/v2/ci/app/blobs/"+d.String()), 202, nil)
+	before := duOf(t, e.dir)
+	e.clock.Advance(25 * time.Hour)
+	c, err := e.badger.CollectGarbage(context.Background(), 24*time.Hour, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if freed := before - duOf(t, e.dir); freed < 4<<20-64<<10 { // the database writes a little meanwhile
+		t.Fatalf("the collection freed %d bytes of disk (%+v)", freed, c)
+	}
+	expect(t, "kept image", e.get("/v2/ci/keep/manifests/v1"), 200, keep.manifest)
+	expect(t, "kept layer", e.get("/v2/ci/keep/blobs/"+keep.layerD.String()), 200, keep.layer)
 }

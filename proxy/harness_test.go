@@ -120,7 +120,7 @@ func start(t testing.TB, opts ...option) (*env, *registrytest.Registry) {
 func (e *env) open() {
 	t := e.t
 	var err error
-	e.badger, err = cache.OpenBadger(cache.BadgerOptions{Path: e.dir, Logger: testLogger(t), Budget: e.budget})
+	e.badger, err = cache.OpenBadger(cache.BadgerOptions{Path: e.dir, Logger: testLogger(t), Budget: e.budget, Clock: e.clock.Now, CollectInterval: -1})
 	if err != nil {
 		t.Fatal(err)
 	}

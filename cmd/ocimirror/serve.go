@@ -138,7 +138,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 	badger, err := cache.OpenBadger(cache.BadgerOptions{Path: cfg.Storage.Path, Logger: logger, Budget: cache.Budget{
 		MaxSize: cfg.Storage.MaxSize.Bytes, MinFree: cfg.Storage.MinFree.Bytes,
 		High: float64(cfg.Storage.HighWatermark) / 100, Low: float64(cfg.Storage.LowWatermark) / 100,
-	}})
+	}, GCGrace: cfg.Storage.GCGrace.Duration})
 	if err != nil {
 		return err
 	}
