@@ -61,7 +61,7 @@ func (s *Badger) Evict(ctx context.Context, want int64, keep func(LinkKind, dige
 	var ev Evicted
 	s.flushAccess()
 	for ev.Bytes < want {
-		batch, err := s.oldest(ctx)
+		batch, err := s.oldest(ctx, keep)
 		if err != nil {
 			return ev, err
 		}
@@ -70,8 +70,8 @@ func (s *Badger) Evict(ctx context.Context, want int64, keep func(LinkKind, dige
 			if ev.Bytes >= want || ctx.Err() != nil {
 				break
 			}
-			if keep != nil && keep(c.kind, c.d) || c.kind == LinkBlob && s.reading(c.d) {
-				continue
+			if c.kind == LinkBlob && s.reading(c.d) {
+				continue // opened since the scan
 			}
 			ok, err := s.evictOne(ctx, c)
 			if err != nil {
@@ -96,10 +96,11 @@ func (s *Badger) Evict(ctx context.Context, want int64, keep func(LinkKind, dige
 }
 
 // oldest collects up to evictBatch candidates, the least recently used
-// first: blobs and manifests without a data marker. One scan walks the
-// index, the data markers and the access times together: all three are
-// ordered by digest.
-func (s *Badger) oldest(ctx context.Context) ([]candidate, error) {
+// first: blobs and manifests without a data marker, not kept, not being
+// read (so that old pinned content never fills the batch). One scan walks
+// the index, the data markers and the access times together: all three
+// are ordered by digest.
+func (s *Badger) oldest(ctx context.Context, keep func(LinkKind, digest.Digest) bool) ([]candidate, error) {
 	var heap []candidate // the newest of the kept ones on top
 	push := func(c candidate) {
 		if len(heap) == evictBatch && c.at >= heap[0].at {
@@ -132,6 +133,9 @@ func (s *Badger) oldest(ctx context.Context) ([]candidate, error) {
 					continue
 				}
 				c := candidate{kind: kind, d: digest.Digest(d)}
+				if keep != nil && keep(kind, c.d) || kind == LinkBlob && s.reading(c.d) {
+					continue
+				}
 				if access.find(d) && len(access.value) == 8 {
 					c.at = int64(binary.BigEndian.Uint64(access.value))
 				}
