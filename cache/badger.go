@@ -106,8 +106,11 @@ type Badger struct {
 	kick    chan struct{}
 	budget  bool
 
-	stop chan struct{}
-	wg   sync.WaitGroup
+	// ctx ends when the store closes: background passes stop with it.
+	ctx    context.Context
+	cancel context.CancelFunc
+	stop   chan struct{}
+	wg     sync.WaitGroup
 }
 
 var (
@@ -165,6 +168,7 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 		budget:   opts.Budget.MaxSize > 0 || opts.Budget.MinFree > 0,
 		stop:     make(chan struct{}),
 	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
 	if err := s.migrate(); err != nil {
 		db.Close()
 		return nil, err
@@ -192,7 +196,7 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 	}
 	if opts.CollectInterval > 0 {
 		s.wg.Add(1)
-		go s.collectPeriodically(opts.GCGrace, opts.CollectInterval)
+		go s.every(opts.CollectInterval, func() { s.collectOnce(opts.GCGrace) })
 	}
 	return s, nil
 }
@@ -223,6 +227,7 @@ func badgerOptions(o BadgerOptions, dir string) badger.Options {
 // Close flushes access times and closes the database.
 func (s *Badger) Close() error {
 	close(s.stop)
+	s.cancel()
 	s.wg.Wait()
 	s.flushAccess()
 	return s.db.Close()

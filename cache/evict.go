@@ -373,16 +373,7 @@ func (s *Badger) keepBudget(b Budget) {
 		if k := s.keep.Load(); k != nil {
 			keep = *k
 		}
-		ctx, cancel := context.WithCancel(context.Background())
-		go func() {
-			select {
-			case <-s.stop:
-				cancel()
-			case <-ctx.Done():
-			}
-		}()
-		ev, err := s.Evict(ctx, want, keep)
-		cancel()
+		ev, err := s.Evict(s.ctx, want, keep)
 		level := s.log.Info
 		if err != nil || ev.Bytes < want {
 			level = s.log.Warn

@@ -279,31 +279,12 @@ func (s *Badger) collectLocked(ctx context.Context, kind LinkKind, d digest.Dige
 	return true, s.db.Update(func(txn *badger.Txn) error { return txn.Delete(unheldKey(kind, d)) })
 }
 
-// collectPeriodically runs a collection every interval.
-func (s *Badger) collectPeriodically(grace, interval time.Duration) {
-	defer s.wg.Done()
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-s.stop:
-			return
-		case <-t.C:
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		go func() {
-			select {
-			case <-s.stop:
-				cancel()
-			case <-ctx.Done():
-			}
-		}()
-		start := time.Now()
-		c, err := s.CollectGarbage(ctx, grace, false)
-		cancel()
-		if err != nil || len(c.Items) > 0 {
-			s.log.Info("garbage collected", "items", len(c.Items), "bytes", c.Bytes,
-				"duration", time.Since(start).Round(time.Millisecond), "err", errString(err))
-		}
+// collectOnce runs a collection in the background and logs what it did.
+func (s *Badger) collectOnce(grace time.Duration) {
+	start := time.Now()
+	c, err := s.CollectGarbage(s.ctx, grace, false)
+	if err != nil || len(c.Items) > 0 {
+		s.log.Info("garbage collected", "items", len(c.Items), "bytes", c.Bytes,
+			"duration", time.Since(start).Round(time.Millisecond), "err", errString(err))
 	}
 }
