@@ -165,12 +165,15 @@ func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState) {
 		err = w.Commit(ctx, d, written)
 	}
 	if err != nil {
-		if cerr := w.Cancel(context.WithoutCancel(ctx)); cerr != nil {
-			log.Error("discarding failed fill", "err", cerr)
-		}
+		// Out of the set, then the failure published, then the bytes
+		// discarded: a follower that sees its read fail must find no
+		// failing fill to join when it comes back.
 		log.Warn("blob fill failed; nothing cached", "err", err, "bytes", written)
 		s.endFill(f)
 		f.update(w.Size(), true, err)
+		if cerr := w.Cancel(context.WithoutCancel(ctx)); cerr != nil {
+			log.Error("discarding failed fill", "err", cerr)
+		}
 		return
 	}
 	if err := s.store.Link(context.WithoutCancel(ctx), cache.RepoKey{Upstream: up.name, Repo: f.repo}, cache.LinkBlob, d, cache.OriginUpstream); err != nil {
