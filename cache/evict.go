@@ -247,12 +247,13 @@ func (s *Badger) evictLocked(ctx context.Context, c candidate) (bool, error) {
 	if c.kind == LinkBlob {
 		return true, s.deleteBlobLocked(ctx, c.d)
 	}
-	return true, s.evictManifest(ctx, c.d)
+	return true, s.deleteManifestLocked(ctx, c.d)
 }
 
-// evictManifest deletes a manifest and its entries in the referrers index
-// of every repository that holds it.
-func (s *Badger) evictManifest(ctx context.Context, d digest.Digest) error {
+// deleteManifestLocked deletes a manifest, its access time and its entries
+// in the referrers index of every repository that holds it; the digest's
+// lock is held.
+func (s *Badger) deleteManifestLocked(ctx context.Context, d digest.Digest) error {
 	m, err := s.GetManifest(ctx, d)
 	if errors.Is(err, ErrNotFound) {
 		return nil

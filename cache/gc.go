@@ -266,12 +266,7 @@ func (s *Badger) collectLocked(ctx context.Context, kind LinkKind, d digest.Dige
 	if kind == LinkBlob {
 		err = s.deleteBlobLocked(ctx, d)
 	} else {
-		err = s.db.Update(func(txn *badger.Txn) error {
-			if err := txn.Delete(accessKey(d)); err != nil {
-				return err
-			}
-			return txn.Delete(manifestKey(d))
-		})
+		err = s.deleteManifestLocked(ctx, d)
 	}
 	if err != nil {
 		return false, err
