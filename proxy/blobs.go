@@ -39,14 +39,7 @@ func (u *upstreamState) blob(w http.ResponseWriter, r *http.Request, q *request)
 		return err
 	}
 	if linked {
-		info, err := s.store.StatBlob(ctx, q.dgst)
-		if err == nil {
-			// Evicted between the stat and the open: fetched again below.
-			if err := s.serveStored(w, r, q, info.Size); !errors.Is(err, cache.ErrNotFound) {
-				q.setCache("hit")
-				return err
-			}
-		} else if !errors.Is(err, cache.ErrNotFound) {
+		if served, err := s.serveHeld(w, r, q); served {
 			return err
 		}
 	} else if info, ok, err := u.confirmStoredBlob(ctx, q); err != nil {
@@ -69,15 +62,11 @@ func (u *upstreamState) blob(w http.ResponseWriter, r *http.Request, q *request)
 		}
 		// Held after all; unless it is evicted as we go to read it, when
 		// a fill it is.
-		info, err := s.heldBlob(ctx, q)
-		if err == nil {
-			if err = s.serveStored(w, r, q, info.Size); !errors.Is(err, cache.ErrNotFound) {
-				q.setCache("hit")
-				return err
-			}
-		}
-		if !errors.Is(err, cache.ErrNotFound) || attempt == 2 {
+		if served, err := s.serveHeld(w, r, q); served {
 			return err
+		}
+		if attempt == 2 {
+			return cache.ErrNotFound
 		}
 	}
 	defer f.release()
@@ -97,6 +86,23 @@ func (u *upstreamState) blob(w http.ResponseWriter, r *http.Request, q *request)
 		return f.startErr
 	}
 	return s.serveFill(w, r, q, f)
+}
+
+// serveHeld serves the blob from the store when the request's repository
+// holds it. served is false when it does not, or when the blob went (was
+// evicted) between its stat and its open: nothing was written then.
+func (s *Server) serveHeld(w http.ResponseWriter, r *http.Request, q *request) (served bool, err error) {
+	info, err := s.heldBlob(r.Context(), q)
+	if err == nil {
+		err = s.serveStored(w, r, q, info.Size)
+	}
+	if errors.Is(err, cache.ErrNotFound) {
+		return false, nil
+	}
+	if err == nil {
+		q.setCache("hit")
+	}
+	return true, err
 }
 
 // confirmStoredBlob is confirmStored for blobs.
