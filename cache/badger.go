@@ -74,6 +74,9 @@ type BadgerOptions struct {
 	CollectInterval time.Duration
 	// Clock is the time source of access times (tests); time.Now if nil.
 	Clock func() time.Time
+	// WaitForPins holds every eviction pass until SetPins is called: no
+	// pass may run before the pins are known.
+	WaitForPins bool
 }
 
 // Badger is the on-disk Store: blob bytes in content-addressed files,
@@ -101,10 +104,21 @@ type Badger struct {
 	readersMu sync.Mutex
 	readers   map[digest.Digest]int
 
-	keep    atomic.Pointer[func(LinkKind, digest.Digest) bool]
+	pins    atomic.Pointer[func(context.Context) (map[digest.Digest]struct{}, error)]
 	onEvict atomic.Pointer[func(LinkKind, digest.Digest)]
 	kick    chan struct{}
 	budget  bool
+	limits  Budget
+	// waitPins: no pass before SetPins.
+	waitPins bool
+	// passMu runs one eviction pass at a time: the background one, or
+	// one that Reserve runs to make room.
+	passMu sync.Mutex
+	// reserved is room held by Reserve for content being written.
+	reserved atomic.Int64
+	// fullUntil (unix nanoseconds) is until when Reserve answers ErrFull
+	// without another pass: the last one found nothing to evict.
+	fullUntil atomic.Int64
 
 	// ctx ends when the store closes: background passes stop with it.
 	ctx    context.Context
@@ -166,6 +180,8 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 		readers:  map[digest.Digest]int{},
 		kick:     make(chan struct{}, 1),
 		budget:   opts.Budget.MaxSize > 0 || opts.Budget.MinFree > 0,
+		limits:   opts.Budget,
+		waitPins: opts.WaitForPins,
 		stop:     make(chan struct{}),
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())

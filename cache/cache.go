@@ -44,6 +44,10 @@ type BlobStore interface {
 	CreateBlob(ctx context.Context) (BlobWriter, error)
 	// DeleteBlob removes a blob; readers still streaming it fail.
 	DeleteBlob(ctx context.Context, d digest.Digest) error
+	// Reserve makes room for size more bytes of cached content (-1:
+	// unknown), evicting if it must, and holds it until release. It
+	// returns ErrFull when the budget has no room even after eviction.
+	Reserve(ctx context.Context, size int64) (release func(), err error)
 }
 
 // BlobReader reads a committed blob. Reads may run concurrently. A reader

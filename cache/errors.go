@@ -9,4 +9,8 @@ var (
 	ErrCorrupt = errors.New("cache: corrupt entry")
 	// ErrWriterDone is returned by a BlobWriter used after Commit or Cancel.
 	ErrWriterDone = errors.New("cache: blob writer already committed or cancelled")
+	// ErrFull is returned when the store has no room for more content:
+	// its budget is used by what cannot be evicted (data, pins, blobs
+	// being read), or the filesystem is full (ENOSPC).
+	ErrFull = errors.New("cache: store full")
 )

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"sync"
 	"syscall"
 	"time"
 
@@ -297,8 +298,88 @@ func (s *Badger) deleteManifestLocked(ctx context.Context, d digest.Digest) erro
 // LRU above the store forgets it).
 func (s *Badger) OnEvict(f func(LinkKind, digest.Digest)) { s.onEvict.Store(&f) }
 
-// SetKeep sets what eviction must keep besides data (pins).
-func (s *Badger) SetKeep(f func(LinkKind, digest.Digest) bool) { s.keep.Store(&f) }
+// SetPins sets what tells each eviction pass the digests it must keep
+// besides data: pinned images. It is called at the start of every pass;
+// when it fails, the pass is skipped rather than risk a pinned image.
+func (s *Badger) SetPins(f func(context.Context) (map[digest.Digest]struct{}, error)) {
+	s.pins.Store(&f)
+	if s.budget {
+		s.kickBudget()
+	}
+}
+
+// errPinsUnknown skips a pass of a store opened with WaitForPins before
+// SetPins is called.
+var errPinsUnknown = errors.New("cache: eviction pass skipped: the pins are not known yet")
+
+// pass runs one eviction pass of up to want bytes, keeping the pins.
+func (s *Badger) pass(ctx context.Context, want int64) (Evicted, error) {
+	s.passMu.Lock()
+	defer s.passMu.Unlock()
+	var keep func(LinkKind, digest.Digest) bool
+	f := s.pins.Load()
+	if f == nil && s.waitPins {
+		return Evicted{}, errPinsUnknown
+	}
+	if f != nil {
+		pinned, err := (*f)(ctx)
+		if err != nil {
+			return Evicted{}, fmt.Errorf("cache: eviction pass skipped: reading the pins: %w", err)
+		}
+		if len(pinned) > 0 {
+			keep = func(_ LinkKind, d digest.Digest) bool { _, ok := pinned[d]; return ok }
+		}
+	}
+	ev, err := s.Evict(ctx, want, keep)
+	if ev.Bytes == 0 && err == nil {
+		// Nothing to evict: Reserve answers full for a while without
+		// scanning again (the budget loop checks anew meanwhile).
+		s.fullUntil.Store(time.Now().Add(fullRecheck).UnixNano())
+	} else if ev.Bytes > 0 {
+		s.fullUntil.Store(0)
+	}
+	return ev, err
+}
+
+// fullRecheck is how long a pass that found nothing to evict makes
+// Reserve answer ErrFull without another pass.
+const fullRecheck = 5 * time.Second
+
+// Reserve implements BlobStore. Without a maximum size it holds nothing.
+// Room is the maximum less usage and what other writers hold; when that
+// is short, one pass evicts down to the low watermark (or what the write
+// needs beyond it), and ErrFull is answered if it could not.
+func (s *Badger) Reserve(ctx context.Context, size int64) (func(), error) {
+	b := s.limits
+	if b.MaxSize <= 0 {
+		return func() {}, nil
+	}
+	size = max(size, 0)
+	need := onDisk(size)
+	fits := func() bool {
+		return s.Usage()+s.reserved.Load()+need <= b.MaxSize
+	}
+	if !fits() {
+		if time.Now().UnixNano() < s.fullUntil.Load() {
+			return nil, ErrFull
+		}
+		want := s.Usage() + s.reserved.Load() + need - int64(b.Low*float64(b.MaxSize))
+		ev, err := s.pass(ctx, want)
+		if err != nil && ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		if ev.Bytes > 0 || err != nil {
+			s.log.Info("eviction pass to make room", "freed", ev.Bytes, "wanted", want, "blobs", ev.Blobs,
+				"manifests", ev.Manifests, "usage_after", s.Usage(), "err", errString(err))
+		}
+		if !fits() {
+			return nil, ErrFull
+		}
+	}
+	s.reserved.Add(need)
+	var once sync.Once
+	return func() { once.Do(func() { s.reserved.Add(-need) }) }, nil
+}
 
 // Usage is the store's disk use as du counts it: the blocks of the blob
 // files, plus those of the database's files (read from the filesystem:
@@ -370,11 +451,7 @@ func (s *Badger) keepBudget(b Budget) {
 			continue
 		}
 		start, before := time.Now(), s.Usage()
-		var keep func(LinkKind, digest.Digest) bool
-		if k := s.keep.Load(); k != nil {
-			keep = *k
-		}
-		ev, err := s.Evict(s.ctx, want, keep)
+		ev, err := s.pass(s.ctx, want)
 		level := s.log.Info
 		if err != nil || ev.Bytes < want {
 			level = s.log.Warn

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"github.com/opencontainers/go-digest"
 )
@@ -172,6 +173,9 @@ func (w *fileWriter) Write(p []byte) (int, error) {
 	}
 	n, err := w.f.Write(p)
 	w.size.Add(int64(n))
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return n, fmt.Errorf("%w: write blob: %w", ErrFull, err)
+	}
 	if err != nil {
 		return n, fmt.Errorf("cache: write blob: %w", err)
 	}

@@ -1056,3 +1056,89 @@ func TestBadger_CollectGarbage(t *testing.T) {
 		t.Errorf("an unlinked manifest survived: %+v", c)
 	}
 }
+
+// Reserve makes room by evicting cached content; with everything pinned
+// (or data) it answers ErrFull, and reservations count until released.
+// Accounting survives a restart.
+func TestBadger_Reserve(t *testing.T) {
+	dir := t.TempDir()
+	open := func(max int64) *cache.Badger {
+		b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir, Budget: cache.Budget{MaxSize: max, Interval: time.Hour}, WaitForPins: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	b := open(0)
+	b.SetPins(func(context.Context) (map[digest.Digest]struct{}, error) { return nil, nil })
+	ctx := context.Background()
+	if release, err := b.Reserve(ctx, 1<<40); err != nil {
+		t.Fatalf("no budget: %v", err)
+	} else {
+		release()
+	}
+	var cached []digest.Digest
+	for range 8 {
+		d := writeBlob(t, b, randomBytes(512<<10))
+		_ = b.Link(ctx, cache.RepoKey{Upstream: "up", Repo: "app"}, cache.LinkBlob, d, cache.OriginUpstream)
+		cached = append(cached, d)
+	}
+	usage, blobs := b.Usage(), b.BlobBytes()
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// The budget is what is stored: a new blob needs an eviction.
+	b = open(usage + 64<<10)
+	if got := b.BlobBytes(); got != blobs {
+		t.Fatalf("blob bytes %d after a restart, %d before", got, blobs)
+	}
+	pinned := map[digest.Digest]struct{}{}
+	for _, d := range cached {
+		pinned[d] = struct{}{}
+	}
+	b.SetPins(func(context.Context) (map[digest.Digest]struct{}, error) { return pinned, nil })
+	if _, err := b.Reserve(ctx, 512<<10); !errors.Is(err, cache.ErrFull) {
+		t.Fatalf("everything pinned: %v, want ErrFull", err)
+	}
+	delete(pinned, cached[0])
+	delete(pinned, cached[1])
+	// A pass that found nothing holds for a few seconds; a new store
+	// (the same data) asks again at once.
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b = open(usage + 64<<10)
+	defer b.Close()
+	b.SetPins(func(context.Context) (map[digest.Digest]struct{}, error) { return pinned, nil })
+	release, err := b.Reserve(ctx, 512<<10)
+	if err != nil {
+		t.Fatalf("two blobs evictable: %v", err)
+	}
+	for _, d := range cached[2:] {
+		if _, err := b.StatBlob(ctx, d); err != nil {
+			t.Fatalf("a pinned blob went: %v", err)
+		}
+	}
+	// What is reserved counts: a second reservation of everything free fails.
+	free := usage + 64<<10 - b.Usage()
+	if _, err := b.Reserve(ctx, free); !errors.Is(err, cache.ErrFull) {
+		t.Fatalf("reserving %d with 512 KiB reserved of it: %v", free, err)
+	}
+	release()
+	release() // twice is harmless
+	if r2, err := b.Reserve(ctx, 512<<10); err != nil {
+		t.Fatalf("after the release: %v", err)
+	} else {
+		r2()
+	}
+	// A failing pin lookup skips the pass rather than evict a pin.
+	b.SetPins(func(context.Context) (map[digest.Digest]struct{}, error) { return nil, errors.New("store read failed") })
+	if _, err := b.Reserve(ctx, 4*free); !errors.Is(err, cache.ErrFull) {
+		t.Fatalf("pins unreadable: %v", err)
+	}
+	for _, d := range cached[2:] {
+		if _, err := b.StatBlob(ctx, d); err != nil {
+			t.Fatalf("a pinned blob went while the pins could not be read: %v", err)
+		}
+	}
+}

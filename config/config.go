@@ -53,6 +53,9 @@ type ServerTLS struct {
 	KeyFile string `yaml:"keyFile"`
 }
 
+// maxPins bounds storage.pin: each pass walks every pinned image.
+const maxPins = 1000
+
 // Storage configures the on-disk store.
 type Storage struct {
 	// Path is the data directory: blob files, and the database in db/.
@@ -66,6 +69,8 @@ type Storage struct {
 	MinFree Size `yaml:"minFree"`
 	// GCGrace is how long data nothing references any more stays before it is deleted (24h).
 	GCGrace Duration `yaml:"gcGrace"`
+	// Pin are images eviction keeps, as a client pulls them through ocimirror (docker.io/library/alpine:3.20, ghcr.io/org/app@sha256:...): the image, every platform of an index, and all their referrers.
+	Pin []string `yaml:"pin"`
 }
 
 // Cache configures what is held in memory above the store. Every part is
@@ -332,6 +337,9 @@ func (c *Config) merge(f Config) {
 	if f.Storage.GCGrace.raw != "" || f.Storage.GCGrace.Duration != 0 {
 		c.Storage.GCGrace = f.Storage.GCGrace
 	}
+	if f.Storage.Pin != nil {
+		c.Storage.Pin = f.Storage.Pin
+	}
 	if f.Storage.HighWatermark != 0 {
 		c.Storage.HighWatermark = f.Storage.HighWatermark
 	}
@@ -434,6 +442,14 @@ func (c *Config) Validate() error {
 	}
 	if c.Storage.GCGrace.Duration < time.Minute {
 		return fmt.Errorf("storage.gcGrace: %s must be at least 1m", c.Storage.GCGrace.Duration)
+	}
+	if len(c.Storage.Pin) > maxPins {
+		return fmt.Errorf("storage.pin: %d references, at most %d", len(c.Storage.Pin), maxPins)
+	}
+	for i, p := range c.Storage.Pin {
+		if strings.TrimSpace(p) == "" || len(p) > 512 {
+			return fmt.Errorf("storage.pin[%d]: %q is not an image reference", i, p)
+		}
 	}
 	if h, l := c.Storage.HighWatermark, c.Storage.LowWatermark; h < 1 || h > 100 || l < 1 || l >= h {
 		return fmt.Errorf("storage.highWatermark %d and storage.lowWatermark %d: want 0 < low < high <= 100 (percent of maxSize)", h, l)

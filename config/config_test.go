@@ -37,6 +37,7 @@ func TestParse(t *testing.T) {
 listen: "127.0.0.1:6000"
 storage:
   path: /var/lib/ocimirror
+  pin: ["docker.io/library/alpine:3.20", "ghcr.io/org/app@sha256:0000000000000000000000000000000000000000000000000000000000000000"]
 defaultUpstream: docker.io
 log:
   format: json
@@ -65,6 +66,9 @@ readOnly: true
 	}
 	if c.Listen != "127.0.0.1:6000" || c.Storage.Path != "/var/lib/ocimirror" || c.Log.Format != LogJSON || c.Log.Level != "debug" {
 		t.Errorf("top level: %+v", c)
+	}
+	if len(c.Storage.Pin) != 2 || c.Storage.Pin[0] != "docker.io/library/alpine:3.20" {
+		t.Errorf("storage.pin: %q", c.Storage.Pin)
 	}
 	if len(c.Upstreams) != 4 {
 		t.Fatalf("upstreams: %+v", c.Upstreams)
@@ -128,6 +132,7 @@ func TestParse_Errors(t *testing.T) {
 		{"not yaml", "listen: [\n", []string{"yaml"}},
 		{"bad push mode", "upstreams:\n  - name: a.io\n    push: always\n", []string{"push", `"always"`}},
 		{"bad hosted prefix", "hosted: [\"CI/\"]\n", []string{"hosted[0]", `"CI/"`}},
+		{"empty pin", "storage:\n  pin: [\"  \"]\n", []string{"storage.pin[0]", `"  "`}},
 		{"empty hosted prefix", "hosted: [\"/\"]\n", []string{"hosted[0]", `"/"`}},
 	}
 	for _, tc := range tests {

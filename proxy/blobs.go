@@ -52,9 +52,10 @@ func (u *upstreamState) blob(w http.ResponseWriter, r *http.Request, q *request)
 		return u.headBlob(w, r, q)
 	}
 	var f *blobFill
+	var rd *reader
 	var started bool
 	for attempt := 0; f == nil; attempt++ {
-		if f, started, err = s.joinFill(ctx, q); err != nil {
+		if f, rd, started, err = s.joinFill(ctx, q); err != nil {
 			return err
 		}
 		if f != nil {
@@ -69,23 +70,25 @@ func (u *upstreamState) blob(w http.ResponseWriter, r *http.Request, q *request)
 			return cache.ErrNotFound
 		}
 	}
-	defer f.release()
 	q.setCache(missOrCoalesced(!started))
 	if f.repo != q.repo && !linked {
 		// The fill is another repository's: this one must hold the blob too.
 		if err := u.confirm(ctx, q.repo, cache.LinkBlob, q.dgst, -1); err != nil {
+			f.release(rd)
 			return err
 		}
 	}
-	select {
-	case <-f.ready:
-	case <-ctx.Done():
-		return ctx.Err()
+	err = s.serveFill(w, r, q, f, rd)
+	f.release(rd)
+	if errors.Is(err, errLeftBehind) {
+		// The fill streams past a full store and has sent the bytes
+		// this client wants already: it gets a stream of its own.
+		q.setCache("miss")
+		f, rd = s.privateFill(ctx, q)
+		defer f.release(rd)
+		err = s.serveFill(w, r, q, f, rd)
 	}
-	if f.startErr != nil {
-		return f.startErr
-	}
-	return s.serveFill(w, r, q, f)
+	return err
 }
 
 // serveHeld serves the blob from the store when the request's repository
@@ -205,17 +208,33 @@ func sendFile(dw deadlineWriter, f *os.File, start, end int64) error {
 
 // serveFill answers from a fill in progress: headers at once, bytes as they
 // arrive.
-func (s *Server) serveFill(w http.ResponseWriter, r *http.Request, q *request, f *blobFill) error {
+// It returns errLeftBehind, having written nothing, when the fill streams
+// without storing and has passed what the client wants.
+func (s *Server) serveFill(w http.ResponseWriter, r *http.Request, q *request, f *blobFill, rd *reader) error {
 	ctx := r.Context()
-	if f.size < 0 && r.Header.Get("Range") != "" {
-		// Ranges need the length: wait for the end and serve the stored blob.
+	select {
+	case <-f.ready:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if f.startErr != nil {
+		return f.startErr
+	}
+	if f.size < 0 && r.Header.Get("Range") != "" && !f.private {
+		// Ranges need the length: wait for the end and serve the stored
+		// blob. One that was not stored (a full store) is sent whole,
+		// from a stream of its own.
+		f.unseek(rd)
 		for {
 			avail, done, err, wake := f.state()
 			if err != nil {
 				return err
 			}
 			if done {
-				return s.serveStored(w, r, q, avail)
+				if err := s.serveStored(w, r, q, avail); !errors.Is(err, cache.ErrNotFound) {
+					return err
+				}
+				return errLeftBehind
 			}
 			select {
 			case <-wake:
@@ -231,11 +250,14 @@ func (s *Server) serveFill(w http.ResponseWriter, r *http.Request, q *request, f
 			return err
 		}
 	}
+	if err := f.seek(rd, start); err != nil {
+		return err
+	}
 	setBlobHeaders(w.Header(), q, status, start, end, f.size)
 	w.WriteHeader(status)
 	dw := newDeadlineWriter(w)
 	dw.flush() // the headers go as soon as the upstream has answered
-	return s.follow(ctx, dw, f, start, end)
+	return s.follow(ctx, dw, f, rd, start, end)
 }
 
 // headBlob answers a HEAD miss from the repository's running fill or an

@@ -70,6 +70,7 @@ type env struct {
 	wrapStore   func(cache.Store) cache.Store
 	lruBytes    int64
 	budget      cache.Budget
+	pins        []string
 
 	badger *cache.Badger
 	store  cache.Store
@@ -92,6 +93,8 @@ func withUploadLimits(total, perClient int, idle, body time.Duration) option {
 func withStore(wrap func(cache.Store) cache.Store) option { return func(e *env) { e.wrapStore = wrap } }
 func withLRUBytes(n int64) option                         { return func(e *env) { e.lruBytes = n } }
 func withBudget(b cache.Budget) option                    { return func(e *env) { e.budget = b } }
+func withDir(dir string) option                           { return func(e *env) { e.dir = dir } }
+func withPins(refs ...string) option                      { return func(e *env) { e.pins = refs } }
 func withTracer(tp trace.TracerProvider) option {
 	return func(e *env) { e.tracer = tp }
 }
@@ -120,7 +123,7 @@ func start(t testing.TB, opts ...option) (*env, *registrytest.Registry) {
 func (e *env) open() {
 	t := e.t
 	var err error
-	e.badger, err = cache.OpenBadger(cache.BadgerOptions{Path: e.dir, Logger: testLogger(t), Budget: e.budget, Clock: e.clock.Now, CollectInterval: -1})
+	e.badger, err = cache.OpenBadger(cache.BadgerOptions{Path: e.dir, Logger: testLogger(t), Budget: e.budget, Clock: e.clock.Now, CollectInterval: -1, WaitForPins: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,11 +150,12 @@ func (e *env) open() {
 	}
 	e.srv, err = proxy.New(proxy.Options{Store: e.store, Upstreams: ups, DefaultUpstream: e.defaultName,
 		Hosted: e.hosted, ReadOnly: e.readOnly, MaxUploads: e.maxUploads, MaxUploadsPerClient: e.perClient,
-		UploadIdle: e.uploadIdle, BodyIdle: e.bodyIdle,
+		UploadIdle: e.uploadIdle, BodyIdle: e.bodyIdle, Pins: e.pins,
 		Logger: testLogger(t), Clock: e.clock.Now, TracerProvider: e.tracer})
 	if err != nil {
 		t.Fatal(err)
 	}
+	e.badger.SetPins(e.srv.Pinned)
 	h := e.srv.Handler()
 	// Served as cmd/ocimirror serves it: behind OCIErrorListener.
 	e.ts = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/mux"
@@ -83,6 +84,9 @@ type Options struct {
 	UploadIdle time.Duration
 	// BodyIdle cuts a request body that sends nothing for this long (30s if 0).
 	BodyIdle time.Duration
+	// Pins are the images eviction keeps, as clients name them
+	// (docker.io/library/alpine:3.20, ghcr.io/org/app@sha256:...).
+	Pins []string
 	// TagListBytes bounds the upstream tag lists held in memory (32 MiB if 0).
 	TagListBytes   int64
 	Logger         *slog.Logger
@@ -118,11 +122,16 @@ type Server struct {
 
 	// flight coalesces manifest, tag and referrer fetches; fills
 	// coalesces blobs.
-	flight   flight.Group[string, any]
-	fills    fills
-	tagLists *lru.Sized[string, tagList]
-	uploads  uploads
-	bodyIdle time.Duration
+	flight flight.Group[string, any]
+	fills  fills
+	pins   []pin
+	// spills are the slots of fills streaming past a full store;
+	// fullWarned is when that was last logged (unix nanoseconds).
+	spills     chan struct{}
+	fullWarned atomic.Int64
+	tagLists   *lru.Sized[string, tagList]
+	uploads    uploads
+	bodyIdle   time.Duration
 	// refCaps is each upstream repository's referrers API state;
 	// fallbackAbsent remembers when a fallback tag was last found missing;
 	// refMisses, which referrer candidates failed their check.
@@ -184,6 +193,7 @@ func New(o Options) (*Server, error) {
 		s.hostedPrefixes = append(s.hostedPrefixes, strings.TrimSuffix(p, "/")+"/")
 	}
 	s.fills.m = map[fillKey]*blobFill{}
+	s.spills = make(chan struct{}, maxSpills)
 	s.uploads = newUploads(o.MaxUploads, o.MaxUploadsPerClient, o.UploadIdle)
 	s.bodyIdle = o.BodyIdle
 	if s.bodyIdle <= 0 {
@@ -205,6 +215,13 @@ func New(o Options) (*Server, error) {
 		if s.defaultUpstream == nil {
 			return nil, fmt.Errorf("proxy: default upstream %s is not configured", o.DefaultUpstream)
 		}
+	}
+	for _, ref := range o.Pins {
+		p, err := s.parsePin(ref)
+		if err != nil {
+			return nil, err
+		}
+		s.pins = append(s.pins, p)
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	go s.expireUploads()
@@ -421,6 +438,10 @@ func (s *Server) apiError(q *request, err error) *Error {
 	case errors.As(err, new(*upstream.StatusError)) && isClientError(err):
 		// A forwarded push the upstream refused: its answer is the answer.
 		return relayedError(err)
+	case errors.Is(err, cache.ErrFull):
+		// A push (data) the disk has no room for: 507, and the log says so.
+		s.log.Error("store full: a write failed", "err", err, "op", q.op)
+		return &Error{Code: CodeUnavailable, Status: http.StatusInsufficientStorage, Message: "the registry's disk is full"}
 	case errors.Is(err, context.Canceled):
 		// The client went away; nobody reads this answer.
 		return &Error{Code: CodeUnknown, Status: 499, Message: "request cancelled"}

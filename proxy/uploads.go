@@ -341,6 +341,9 @@ func (s *Server) appendUpload(w http.ResponseWriter, r *http.Request, q *request
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	n, err := io.CopyBuffer(io.MultiWriter(x.w, x.h), body, *bp)
+	if errors.Is(err, cache.ErrFull) {
+		return s.failUpload(r, x, err) // the disk, not the body
+	}
 	if err != nil {
 		return s.failUpload(r, x, bodyError(err))
 	}

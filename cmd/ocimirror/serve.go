@@ -138,7 +138,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 	badger, err := cache.OpenBadger(cache.BadgerOptions{Path: cfg.Storage.Path, Logger: logger, Budget: cache.Budget{
 		MaxSize: cfg.Storage.MaxSize.Bytes, MinFree: cfg.Storage.MinFree.Bytes,
 		High: float64(cfg.Storage.HighWatermark) / 100, Low: float64(cfg.Storage.LowWatermark) / 100,
-	}, GCGrace: cfg.Storage.GCGrace.Duration})
+	}, GCGrace: cfg.Storage.GCGrace.Duration, WaitForPins: true})
 	if err != nil {
 		return err
 	}
@@ -172,7 +172,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 	}
 	srv, err := proxy.New(proxy.Options{
 		Store: store, Upstreams: ups, DefaultUpstream: cfg.DefaultUpstream,
-		Hosted: cfg.Hosted, ReadOnly: cfg.ReadOnly,
+		Hosted: cfg.Hosted, ReadOnly: cfg.ReadOnly, Pins: cfg.Storage.Pin,
 		MaxUploads: cfg.Uploads.Max, MaxUploadsPerClient: cfg.Uploads.PerClient, UploadIdle: cfg.Uploads.Idle.Duration,
 		TagListBytes: cfg.Cache.TagListBytes.Bytes,
 		Logger:       logger, TracerProvider: tp,
@@ -180,6 +180,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	badger.SetPins(srv.Pinned)
 
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
