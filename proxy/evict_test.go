@@ -40,8 +40,12 @@ func duOf(t *testing.T, dir string) int64 {
 // data directory is under the budget; hosted content survives.
 func TestProxy_Evict_UnderLoad(t *testing.T) {
 	const budget = 4 << 20
-	e, reg := start(t, withHosted("ci/"), withBudget(cache.Budget{MaxSize: budget, Interval: 20 * time.Millisecond}))
+	e, reg := start(t, withHosted("ci/"), withPins("pinned:v1"), withBudget(cache.Budget{MaxSize: budget, Interval: 20 * time.Millisecond}))
 	keep := e.pushImage("ci/keep", "v1")
+	pinned := reg.PushImage(t, "pinned", "v1", 300<<10)
+	expect(t, "pinned image", e.get("/v2/pinned/manifests/v1"), 200, pinned.Manifest)
+	expect(t, "pinned layer", e.get("/v2/pinned/blobs/"+pinned.LayerDigests[0].String()), 200, pinned.Layers[0])
+	expect(t, "pinned config", e.get("/v2/pinned/blobs/"+digest.FromBytes(pinned.Config).String()), 200, pinned.Config)
 	var blobs []digest.Digest
 	for i := range 40 {
 		blobs = append(blobs, reg.PushBlob(t, "app", registrytest.RandomBytes(256<<10+i)))
@@ -83,6 +87,11 @@ func TestProxy_Evict_UnderLoad(t *testing.T) {
 	}
 	expect(t, "hosted image", e.get("/v2/ci/keep/manifests/v1"), 200, keep.manifest)
 	expect(t, "hosted layer", e.get("/v2/ci/keep/blobs/"+keep.layerD.String()), 200, keep.layer)
+	for _, d := range []digest.Digest{pinned.LayerDigests[0], digest.FromBytes(pinned.Config)} {
+		if _, err := e.badger.StatBlob(context.Background(), d); err != nil {
+			t.Fatalf("pinned blob %s was evicted: %v", d, err)
+		}
+	}
 	// Evicted content comes back on its next request.
 	reg.ResetCounts()
 	r := e.get("/v2/app/blobs/" + blobs[0].String())
