@@ -82,11 +82,18 @@ func (u *upstreamState) blob(w http.ResponseWriter, r *http.Request, q *request)
 	f.release(rd)
 	if errors.Is(err, errLeftBehind) {
 		// The fill streams past a full store and has sent the bytes
-		// this client wants already: it gets a stream of its own.
-		q.setCache("miss")
-		f, rd = s.privateFill(ctx, q)
-		defer f.release(rd)
+		// this client wants already: it follows the next fill, shared
+		// with the clients that come after it.
+		old := f
+		f, rd = s.rejoinFill(ctx, q, old)
 		err = s.serveFill(w, r, q, f, rd)
+		f.release(rd)
+	}
+	if errors.Is(err, errLeftBehind) {
+		// Late again: a stream of its own.
+		f, rd = s.privateFill(ctx, q)
+		err = s.serveFill(w, r, q, f, rd)
+		f.release(rd)
 	}
 	return err
 }

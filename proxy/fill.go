@@ -96,6 +96,10 @@ type reader struct {
 type spill struct {
 	start int64
 	buf   []byte
+	// head is how far the fill has claimed the window (guarded by the
+	// fill's mu): the bytes before head-spillWindow may be overwritten
+	// at any moment, so no follower may start before that.
+	head int64
 }
 
 // spillWindow is the memory an unstored fill holds for its followers;
@@ -168,6 +172,25 @@ func newFill(key fillKey, repo string) (*blobFill, *reader) {
 	return f, f.addReader()
 }
 
+// rejoinFill is for a client that came too late to follow old, a fill
+// that does not store: it joins the fill that replaced old in the set, or
+// starts that replacement, which later clients join in turn (old goes on
+// for its own followers). Its second miss, it gets a fill of its own.
+func (s *Server) rejoinFill(ctx context.Context, q *request, old *blobFill) (*blobFill, *reader) {
+	key := fillKey{upstream: q.up.name, digest: q.dgst}
+	s.fills.mu.Lock()
+	defer s.fills.mu.Unlock()
+	if f := s.fills.m[key]; f != nil && f != old {
+		f.users.Add(1)
+		return f, f.addReader()
+	}
+	f, rd := newFill(key, q.repo)
+	s.fills.m[key] = f
+	s.work.Add(1)
+	go s.runFill(trace.ContextWithSpanContext(s.ctx, trace.SpanContextFromContext(ctx)), f, q.up)
+	return f, rd
+}
+
 // privateFill starts a fill for one client only, outside the set, that
 // streams without storing: for a client that came too late to follow an
 // unstored fill of the same blob.
@@ -187,7 +210,7 @@ func (f *blobFill) addReader() *reader {
 	r := &reader{}
 	var pos int64
 	if sp := f.spill; sp != nil {
-		pos = max(sp.start, f.avail-spillWindow)
+		pos = max(sp.start, sp.head-spillWindow)
 	}
 	f.readers[r] = pos
 	return r
@@ -293,7 +316,9 @@ func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState) {
 	defer unreserve()
 	f.size, f.w = resp.ContentLength, w
 	if w == nil {
+		f.mu.Lock()
 		f.spill = &spill{buf: make([]byte, spillWindow)}
+		f.mu.Unlock()
 	}
 	close(f.ready)
 
@@ -418,7 +443,7 @@ func (s *Server) put(ctx context.Context, f *blobFill, p []byte, off int64) erro
 			return err
 		}
 		f.slot = true
-		sp = &spill{start: off, buf: make([]byte, spillWindow)}
+		sp = &spill{start: off, head: off, buf: make([]byte, spillWindow)}
 		f.mu.Lock()
 		f.spill = sp
 		f.mu.Unlock()
@@ -453,8 +478,15 @@ func (s *Server) spillRoom(ctx context.Context, f *blobFill, upto int64) error {
 		for _, pos := range f.readers {
 			low = min(low, max(pos, f.spill.start))
 		}
+		room := upto-low <= spillWindow
+		if room {
+			// Claimed under the lock: a follower joining from now on
+			// starts at or after upto-spillWindow, past what is
+			// overwritten.
+			f.spill.head = upto
+		}
 		f.mu.Unlock()
-		if upto-low <= spillWindow {
+		if room {
 			if !followed && s.abandonUnfollowed(f) {
 				return errUnfollowed
 			}
@@ -494,7 +526,7 @@ func (f *blobFill) seek(r *reader, off int64) error {
 	if r.dropped {
 		return errLeftBehind
 	}
-	if sp := f.spill; sp != nil && off >= sp.start && off < f.avail-spillWindow {
+	if sp := f.spill; sp != nil && off >= sp.start && off < sp.head-spillWindow {
 		return errLeftBehind
 	}
 	f.readers[r] = off

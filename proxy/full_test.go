@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -396,4 +397,34 @@ func TestProxy_Pin_References(t *testing.T) {
 			t.Errorf("pin %q: the error does not name it: %v", tc.pin, err)
 		}
 	}
+}
+
+// Many clients join an unstored fill at random moments, some with ranges:
+// every one gets exactly its bytes (from the shared window, or a stream of
+// its own when it came too late), never a byte of another offset.
+func TestProxy_Full_ManyFollowersExactBytes(t *testing.T) {
+	e, reg := start(t, withBudget(cache.Budget{MaxSize: 1})) // never room
+	big := registrytest.RandomBytes(24 << 20)
+	d := reg.PushBlob(t, "app", big)
+	var wg sync.WaitGroup
+	for i := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			time.Sleep(time.Duration(i%5) * 15 * time.Millisecond)
+			var hdr []string
+			from, to := 0, len(big)
+			if i%2 == 1 {
+				from = (i * 1_234_567) % len(big)
+				to = min(len(big), from+(i+1)*700_001)
+				hdr = []string{"Range: bytes=" + strconv.Itoa(from) + "-" + strconv.Itoa(to-1)}
+			}
+			r := e.get("/v2/app/blobs/"+d.String(), hdr...)
+			if (r.status != 200 && r.status != 206) || !bytes.Equal(r.body, big[from:to]) {
+				t.Errorf("client %d, bytes %d-%d: status %d, %d bytes, equal %v", i, from, to, r.status, len(r.body), bytes.Equal(r.body, big[from:to]))
+			}
+		}()
+	}
+	wg.Wait()
+	t.Logf("16 clients, %d upstream GETs", reg.Count(http.MethodGet, "blobs"))
 }
