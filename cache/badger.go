@@ -114,8 +114,10 @@ type Badger struct {
 	// passMu runs one eviction pass at a time: the background one, or
 	// one that Reserve runs to make room.
 	passMu sync.Mutex
-	// reserved is room held by Reserve for content being written.
-	reserved atomic.Int64
+	// reserved is room held by Reserve for content being written;
+	// reserveMu makes a check and a reservation one step.
+	reserved  atomic.Int64
+	reserveMu sync.Mutex
 	// fullUntil (unix nanoseconds) is until when Reserve answers ErrFull
 	// without another pass: the last one found nothing to evict.
 	fullUntil atomic.Int64

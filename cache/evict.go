@@ -312,10 +312,16 @@ func (s *Badger) SetPins(f func(context.Context) (map[digest.Digest]struct{}, er
 // SetPins is called.
 var errPinsUnknown = errors.New("cache: eviction pass skipped: the pins are not known yet")
 
-// pass runs one eviction pass of up to want bytes, keeping the pins.
-func (s *Badger) pass(ctx context.Context, want int64) (Evicted, error) {
+// pass runs one eviction pass, keeping the pins, of what want says once
+// no other pass runs (nothing when that is 0: one that ran meanwhile made
+// the room).
+func (s *Badger) pass(ctx context.Context, want func() int64) (Evicted, error) {
 	s.passMu.Lock()
 	defer s.passMu.Unlock()
+	n := want()
+	if n <= 0 {
+		return Evicted{}, nil
+	}
 	var keep func(LinkKind, digest.Digest) bool
 	f := s.pins.Load()
 	if f == nil && s.waitPins {
@@ -330,7 +336,7 @@ func (s *Badger) pass(ctx context.Context, want int64) (Evicted, error) {
 			keep = func(_ LinkKind, d digest.Digest) bool { _, ok := pinned[d]; return ok }
 		}
 	}
-	ev, err := s.Evict(ctx, want, keep)
+	ev, err := s.Evict(ctx, n, keep)
 	if ev.Bytes == 0 && err == nil {
 		// Nothing to evict: Reserve answers full for a while without
 		// scanning again (the budget loop checks anew meanwhile).
@@ -359,12 +365,27 @@ func (s *Badger) Reserve(ctx context.Context, size int64) (func(), error) {
 	fits := func() bool {
 		return s.Usage()+s.reserved.Load()+need <= b.MaxSize
 	}
-	if !fits() {
+	reserve := func() bool {
+		s.reserveMu.Lock()
+		defer s.reserveMu.Unlock()
+		if !fits() {
+			return false
+		}
+		s.reserved.Add(need)
+		return true
+	}
+	if !reserve() {
 		if time.Now().UnixNano() < s.fullUntil.Load() {
 			return nil, ErrFull
 		}
-		want := s.Usage() + s.reserved.Load() + need - int64(b.Low*float64(b.MaxSize))
-		ev, err := s.pass(ctx, want)
+		var want int64
+		ev, err := s.pass(ctx, func() int64 {
+			if fits() {
+				return 0
+			}
+			want = s.Usage() + s.reserved.Load() + need - int64(b.Low*float64(b.MaxSize))
+			return want
+		})
 		if err != nil && ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
@@ -372,11 +393,10 @@ func (s *Badger) Reserve(ctx context.Context, size int64) (func(), error) {
 			s.log.Info("eviction pass to make room", "freed", ev.Bytes, "wanted", want, "blobs", ev.Blobs,
 				"manifests", ev.Manifests, "usage_after", s.Usage(), "err", errString(err))
 		}
-		if !fits() {
+		if !reserve() {
 			return nil, ErrFull
 		}
 	}
-	s.reserved.Add(need)
 	var once sync.Once
 	return func() { once.Do(func() { s.reserved.Add(-need) }) }, nil
 }
@@ -451,7 +471,7 @@ func (s *Badger) keepBudget(b Budget) {
 			continue
 		}
 		start, before := time.Now(), s.Usage()
-		ev, err := s.pass(s.ctx, want)
+		ev, err := s.pass(s.ctx, func() int64 { return want })
 		level := s.log.Info
 		if err != nil || ev.Bytes < want {
 			level = s.log.Warn
