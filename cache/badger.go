@@ -50,6 +50,7 @@ const (
 	kindData     = 'D'
 	kindUnheld   = 'g'
 	kindUpRefs   = 'u'
+	kindUpTags   = 'T'
 
 	encodingV1 = 1
 )
@@ -825,6 +826,42 @@ func (s *Badger) PutUpstreamReferrers(_ context.Context, k ReferrerKey, a Upstre
 	return s.db.Update(func(txn *badger.Txn) error { return txn.Set(upstreamReferrersKey(k), v) })
 }
 
+func upstreamTagsKey(upstream, repo string) []byte {
+	key := tagKey(TagKey{Upstream: upstream, Repo: repo})
+	key[0] = kindUpTags
+	return key
+}
+
+// GetUpstreamTags implements TagLister.
+func (s *Badger) GetUpstreamTags(_ context.Context, upstream, repo string) (UpstreamTags, error) {
+	var l UpstreamTags
+	err := s.get(upstreamTagsKey(upstream, repo), func(v []byte) error {
+		if len(v) < 1 || v[0] != encodingV1 {
+			return ErrCorrupt
+		}
+		at, n := binary.Varint(v[1:])
+		if n <= 0 {
+			return ErrCorrupt
+		}
+		l.CheckedAt = time.Unix(0, at)
+		if err := json.Unmarshal(v[1+n:], &l.Tags); err != nil {
+			return fmt.Errorf("%w: upstream tags: %v", ErrCorrupt, err)
+		}
+		return nil
+	})
+	return l, err
+}
+
+// PutUpstreamTags implements TagLister.
+func (s *Badger) PutUpstreamTags(_ context.Context, upstream, repo string, l UpstreamTags) error {
+	tags, err := json.Marshal(l.Tags)
+	if err != nil {
+		return err
+	}
+	v := binary.AppendVarint([]byte{encodingV1}, l.CheckedAt.UnixNano())
+	return s.db.Update(func(txn *badger.Txn) error { return txn.Set(upstreamTagsKey(upstream, repo), append(v, tags...)) })
+}
+
 // --- repository links ---
 
 func linkKey(k RepoKey, kind LinkKind, d digest.Digest) []byte {
@@ -1205,3 +1242,16 @@ func (b badgerLogger) Errorf(f string, a ...any)   { b.l.Error("badger: " + fmt.
 func (b badgerLogger) Warningf(f string, a ...any) { b.l.Warn("badger: " + fmt.Sprintf(f, a...)) }
 func (b badgerLogger) Infof(f string, a ...any)    { b.l.Debug("badger: " + fmt.Sprintf(f, a...)) }
 func (b badgerLogger) Debugf(f string, a ...any)   { b.l.Debug("badger: " + fmt.Sprintf(f, a...)) }
+
+// pingKey is written and read back by Ping.
+var pingKey = []byte("!ping")
+
+// Ping checks that the store is open and writable: a small write, read
+// back.
+func (s *Badger) Ping(context.Context) error {
+	v := binary.AppendVarint(nil, time.Now().UnixNano())
+	if err := s.db.Update(func(txn *badger.Txn) error { return txn.Set(pingKey, v) }); err != nil {
+		return fmt.Errorf("cache: store not writable: %w", err)
+	}
+	return s.get(pingKey, func([]byte) error { return nil })
+}

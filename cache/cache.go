@@ -143,10 +143,22 @@ type TagStore interface {
 	DeleteTag(ctx context.Context, k TagKey) error
 }
 
-// TagLister lists the tags the store holds for a repository.
+// TagLister lists the tags the store holds for a repository, and keeps
+// the last tag list an upstream answered for one.
 type TagLister interface {
 	// ListTags returns the tags of upstream/repo, ordered by name.
 	ListTags(ctx context.Context, upstream, repo string) ([]Tag, error)
+	// GetUpstreamTags returns the last tag list the upstream answered
+	// (ErrNotFound if none); PutUpstreamTags records one.
+	GetUpstreamTags(ctx context.Context, upstream, repo string) (UpstreamTags, error)
+	PutUpstreamTags(ctx context.Context, upstream, repo string, l UpstreamTags) error
+}
+
+// UpstreamTags is an upstream's tag list for a repository, and when it was
+// fetched.
+type UpstreamTags struct {
+	Tags      []string
+	CheckedAt time.Time
 }
 
 // ReferrerKey names the referrers of one subject in one repository.

@@ -39,11 +39,24 @@ type Config struct {
 	Hosted []string `yaml:"hosted"`
 	// ReadOnly turns every push and delete away with 405.
 	ReadOnly bool `yaml:"readOnly"`
+	// Offline sends no request to any upstream: everything is answered from the cache.
+	Offline bool `yaml:"offline"`
+	// Admin is the listener for health, readiness and administration, never exposed with the registry API.
+	Admin Admin `yaml:"admin"`
 	// Log sets the format and level of the log on standard error.
 	Log Log `yaml:"log"`
 	// ShutdownTimeout bounds how long SIGTERM waits for in-flight work.
 	ShutdownTimeout Duration `yaml:"shutdownTimeout"`
 }
+
+// Admin configures the admin listener.
+type Admin struct {
+	// Listen is its address (127.0.0.1:5001); "off" disables it.
+	Listen string `yaml:"listen"`
+}
+
+// DefaultAdminListen is the admin listener's address unless configured.
+const DefaultAdminListen = "127.0.0.1:5001"
 
 // ServerTLS is the certificate ocimirror serves with.
 type ServerTLS struct {
@@ -119,6 +132,8 @@ type Upstream struct {
 	// (kept by ocimirror only, the default) or forward (also written to
 	// the upstream).
 	Push PushMode `yaml:"push"`
+	// Offline sends no request to this upstream: its repositories are answered from the cache.
+	Offline bool `yaml:"offline"`
 }
 
 // PushMode is what happens to a push to a proxied repository.
@@ -269,6 +284,7 @@ const DockerHub = "docker.io"
 func Default() Config {
 	return Config{
 		Listen:          ":5000",
+		Admin:           Admin{Listen: DefaultAdminListen},
 		Storage:         Storage{Path: "./ocimirror-data", HighWatermark: 95, LowWatermark: 85, GCGrace: Dur(24 * time.Hour)},
 		Cache:           Cache{ManifestBytes: Bytes(64 << 20), MetadataBytes: Bytes(16 << 20), TagListBytes: Bytes(32 << 20)},
 		Uploads:         Uploads{Max: 4096, PerClient: 64, Idle: Dur(5 * time.Minute)},
@@ -383,6 +399,10 @@ func (c *Config) merge(f Config) {
 		c.Hosted = f.Hosted
 	}
 	c.ReadOnly = c.ReadOnly || f.ReadOnly
+	c.Offline = c.Offline || f.Offline
+	if f.Admin.Listen != "" {
+		c.Admin.Listen = f.Admin.Listen
+	}
 	if f.Log.Format != "" {
 		c.Log.Format = f.Log.Format
 	}
@@ -424,6 +444,13 @@ func (c *Config) Validate() error {
 	}
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return fmt.Errorf("listen: %q is not host:port (%v)", c.Listen, err)
+	}
+	if a := c.Admin.Listen; a != "off" {
+		if a == "" {
+			c.Admin.Listen = DefaultAdminListen
+		} else if _, _, err := net.SplitHostPort(a); err != nil {
+			return fmt.Errorf("admin.listen: %q is not host:port or off (%v)", a, err)
+		}
 	}
 	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
 		return fmt.Errorf("tls: certFile %q and keyFile %q must be set together", c.TLS.CertFile, c.TLS.KeyFile)

@@ -50,6 +50,11 @@ type upstreamDef struct {
 	creds   upstream.Credentials
 	url     string // overrides reg.URL
 	forward bool
+	offline bool
+	// breaker is the failures that mark the upstream down (0: never, as
+	// most tests fail an upstream on purpose), probed every breakerBackoff.
+	breaker        int
+	breakerBackoff time.Duration
 }
 
 // env is ocimirror on a real Badger store in a temporary directory, in front
@@ -72,10 +77,11 @@ type env struct {
 	budget      cache.Budget
 	pins        []string
 
-	badger *cache.Badger
-	store  cache.Store
-	srv    *proxy.Server
-	ts     *httptest.Server
+	badger  *cache.Badger
+	store   cache.Store
+	clients map[string]*upstream.Client
+	srv     *proxy.Server
+	ts      *httptest.Server
 	// requests counts the requests that reached ocimirror.
 	requests atomic.Int64
 }
@@ -136,16 +142,23 @@ func (e *env) open() {
 		e.store = e.wrapStore(e.store)
 	}
 	var ups []proxy.Upstream
+	e.clients = map[string]*upstream.Client{}
 	for _, u := range e.upstreams {
 		url := u.url
 		if url == "" {
 			url = u.reg.URL
 		}
+		breaker := u.breaker
+		if breaker == 0 {
+			breaker = -1
+		}
 		c, err := upstream.New(upstream.Options{Name: u.name, URL: url, Credentials: u.creds,
-			RetryBackoff: time.Millisecond, MaxAttempts: 2, Logger: testLogger(t), TracerProvider: e.tracer})
+			RetryBackoff: time.Millisecond, MaxAttempts: 2, Logger: testLogger(t), TracerProvider: e.tracer,
+			Offline: u.offline, BreakerFailures: breaker, BreakerMinBackoff: u.breakerBackoff, BreakerMaxBackoff: 4 * u.breakerBackoff})
 		if err != nil {
 			t.Fatal(err)
 		}
+		e.clients[u.name] = c
 		ups = append(ups, proxy.Upstream{Client: c, TagTTL: u.ttl, Forward: u.forward})
 	}
 	e.srv, err = proxy.New(proxy.Options{Store: e.store, Upstreams: ups, DefaultUpstream: e.defaultName,

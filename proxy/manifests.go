@@ -378,8 +378,10 @@ func (u *upstreamState) resolveTag(ctx context.Context, key cache.TagKey, head b
 	})
 	if err != nil {
 		if good && upstream.Transient(err) {
-			s.log.Warn("upstream failed; serving last known tag", "upstream", u.name, "repo", key.Repo, "tag", key.Tag,
-				"digest", old.Digest, "err", err)
+			if !errors.Is(err, upstream.ErrOffline) {
+				s.log.Warn("upstream failed; serving last known tag", "upstream", u.name, "repo", key.Repo, "tag", key.Tag,
+					"digest", old.Digest, "err", err)
+			}
 			return tagResult{entry: goodEntry(old), held: true}, "stale", nil
 		}
 		if found && errors.Is(err, errTagGone) {

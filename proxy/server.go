@@ -405,21 +405,26 @@ func (s *Server) apiError(q *request, err error) *Error {
 	if e, ok := errors.AsType[*Error](err); ok {
 		return e
 	}
-	unknown := ErrNameUnknown(map[string]string{"name": q.name})
+	detail := map[string]string{"name": q.name}
+	unknown := ErrNameUnknown
 	switch q.op {
 	case "manifest":
-		unknown = ErrManifestUnknown(map[string]string{"name": q.name, "reference": q.ref})
-	case "blob":
-		unknown = ErrBlobUnknown(map[string]string{"digest": q.ref})
-	case "upload":
-		unknown = ErrBlobUnknown(map[string]string{"digest": q.ref})
+		detail, unknown = map[string]string{"name": q.name, "reference": q.ref}, ErrManifestUnknown
+	case "blob", "upload":
+		detail, unknown = map[string]string{"digest": q.ref}, ErrBlobUnknown
+	}
+	if errors.Is(err, upstream.ErrOffline) {
+		// Not in the cache, and the upstream is not asked: a plain miss,
+		// so that containerd tries its next host.
+		detail["offline"] = "the mirror is offline for " + q.upName() + ": it answers from its cache only"
+		return unknown(detail)
 	}
 	switch {
 	case errors.Is(err, upstream.ErrNotFound), errors.Is(err, upstream.ErrDenied):
-		return unknown
+		return unknown(detail)
 	case errors.Is(err, cache.ErrNotFound):
 		// Content deleted between a check and its read.
-		return unknown
+		return unknown(detail)
 	case errors.Is(err, upstream.ErrTooManyRequests):
 		e := &Error{Code: CodeTooManyRequests, Header: http.Header{}}
 		if se, ok := errors.AsType[*upstream.StatusError](err); ok {

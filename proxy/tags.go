@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/upstream"
 )
 
@@ -88,6 +90,16 @@ func (u *upstreamState) tagList(ctx context.Context, q *request) (tagList, error
 	s := u.s
 	key := u.name + "\x00" + q.repo
 	old, known := s.tagLists.Get(key)
+	if !known {
+		// The last list the upstream answered, kept in the store: what an
+		// offline or down upstream's repository lists. It is asked for
+		// anew first (a push may have dropped the list from memory).
+		if st, err := s.store.GetUpstreamTags(ctx, u.name, q.repo); err == nil {
+			old, known = tagList{tags: st.Tags}, true
+		} else if !errors.Is(err, cache.ErrNotFound) {
+			return tagList{}, err
+		}
+	}
 	if known && s.now().Sub(old.checked) < u.tagTTL {
 		q.setCache("hit")
 		return old, nil
@@ -99,11 +111,16 @@ func (u *upstreamState) tagList(ctx context.Context, q *request) (tagList, error
 		}
 		l := tagList{tags: tags, checked: s.now()}
 		s.tagLists.Add(key, l)
+		if err := s.store.PutUpstreamTags(ctx, u.name, q.repo, cache.UpstreamTags{Tags: tags, CheckedAt: l.checked}); err != nil {
+			s.log.Warn("storing an upstream tag list", "upstream", u.name, "repo", q.repo, "err", err)
+		}
 		return l, nil
 	})
 	if err != nil {
 		if known && upstream.Transient(err) {
-			s.log.Warn("upstream failed; serving last known tag list", "upstream", u.name, "repo", q.repo, "err", err)
+			if !errors.Is(err, upstream.ErrOffline) {
+				s.log.Warn("upstream failed; serving last known tag list", "upstream", u.name, "repo", q.repo, "err", err)
+			}
 			q.setCache("stale")
 			return old, nil
 		}

@@ -81,6 +81,15 @@ type Options struct {
 	// MaxTokens bounds the scopes whose bearer tokens are cached, least
 	// recently used dropped first (4096 if 0).
 	MaxTokens int
+	// Offline sends nothing: every call fails with ErrOffline.
+	Offline bool
+	// BreakerFailures is how many connection failures or timeouts in a
+	// row mark the upstream down (DefaultBreakerFailures if 0; -1: never).
+	// Down, calls fail at once with ErrDown, but for one probe at a time
+	// after BreakerMinBackoff, doubling up to BreakerMaxBackoff.
+	BreakerFailures   int
+	BreakerMinBackoff time.Duration
+	BreakerMaxBackoff time.Duration
 }
 
 // Client talks to one upstream registry. It is safe for concurrent use.
@@ -98,6 +107,8 @@ type Client struct {
 	idle        time.Duration
 	// limitedUntil is when a 429's Retry-After ends (unix nanoseconds).
 	limitedUntil atomic.Int64
+	offline      bool
+	breaker      *breaker
 }
 
 // New builds a Client.
@@ -124,6 +135,15 @@ func New(o Options) (*Client, error) {
 	if o.IdleTimeout <= 0 {
 		o.IdleTimeout = 60 * time.Second
 	}
+	if o.BreakerFailures == 0 {
+		o.BreakerFailures = DefaultBreakerFailures
+	}
+	if o.BreakerMinBackoff <= 0 {
+		o.BreakerMinBackoff = DefaultBreakerMinBackoff
+	}
+	if o.BreakerMaxBackoff < o.BreakerMinBackoff {
+		o.BreakerMaxBackoff = max(DefaultBreakerMaxBackoff, o.BreakerMinBackoff)
+	}
 	rt := o.Transport
 	if rt == nil {
 		t, err := newTransport(o)
@@ -144,6 +164,9 @@ func New(o Options) (*Client, error) {
 		maxAttempts: o.MaxAttempts,
 		backoff:     o.RetryBackoff,
 		idle:        o.IdleTimeout,
+		offline:     o.Offline,
+		breaker: &breaker{name: o.Name, log: o.Logger, threshold: max(o.BreakerFailures, 0),
+			min: o.BreakerMinBackoff, max: o.BreakerMaxBackoff},
 	}
 	c.auth, err = newAuthenticator(base.Host, o.Credentials, hc, o.UserAgent, o.MaxTokens)
 	if err != nil {
@@ -225,6 +248,26 @@ type Request struct {
 // returned with its body open; anything else is a *StatusError (or a
 // transport error wrapped in ErrUnavailable), with the body closed.
 func (c *Client) Do(ctx context.Context, r Request) (*http.Response, error) {
+	if c.offline {
+		return nil, fmt.Errorf("%w: %s %s/%s not sent", ErrOffline, r.Method, r.Repo, r.Path)
+	}
+	probe, err := c.breaker.allow()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s %s/%s not sent", err, r.Method, r.Repo, r.Path)
+	}
+	resp, err := c.send(ctx, r)
+	c.breaker.done(probe, err)
+	return resp, err
+}
+
+// State says whether the upstream is offline, or marked down.
+func (c *Client) State() State {
+	s := c.breaker.state()
+	s.Offline = c.offline
+	return s
+}
+
+func (c *Client) send(ctx context.Context, r Request) (*http.Response, error) {
 	if wait := time.Until(time.Unix(0, c.limitedUntil.Load())); wait > 0 {
 		return nil, &StatusError{Method: r.Method, URL: r.Path, Status: http.StatusTooManyRequests, RetryAfter: wait,
 			Header: http.Header{"Retry-After": {strconv.Itoa(int(wait.Seconds() + 0.999))}}}

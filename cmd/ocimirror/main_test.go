@@ -3,7 +3,9 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -88,7 +90,7 @@ func serveProcess(t *testing.T, args ...string) (addr string, stop func() (int, 
 	var log syncBuffer
 	done := make(chan int, 1)
 	go func() {
-		done <- run(ctx, append([]string{"serve", "--listen", "127.0.0.1:0"}, args...), io.Discard, &log)
+		done <- run(ctx, append([]string{"serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"}, args...), io.Discard, &log)
 	}()
 	for i := 0; i < 500 && addr == ""; i++ {
 		if m := listenRE.FindStringSubmatch(log.String()); m != nil {
@@ -157,5 +159,53 @@ func TestServe_PullRestartAndShutdown(t *testing.T) {
 	b, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != 200 || !bytes.Equal(b, img.Layers[0]) {
 		t.Fatalf("after restart: %d", resp.StatusCode)
+	}
+}
+
+// --offline and the admin listener: readiness reports the store and the
+// upstream as offline, health answers, the registry API is not there, and
+// an offline mirror's miss is a 404 that says so, sent nowhere.
+func TestServe_OfflineAndAdmin(t *testing.T) {
+	reg := registrytest.New(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	adminAddr := ln.Addr().String()
+	ln.Close()
+	addr, _ := serveProcess(t, "--data", t.TempDir(), "--upstream", reg.Host+"="+reg.URL, "--default-upstream", reg.Host,
+		"--offline", "--admin-listen", adminAddr)
+	get := func(u string) (int, string) {
+		t.Helper()
+		resp, err := http.Get(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if st, body := get("http://" + addr + "/v2/team/app/manifests/v1"); st != 404 || !strings.Contains(body, "MANIFEST_UNKNOWN") || !strings.Contains(body, "offline") {
+		t.Fatalf("offline miss: %d %s", st, body)
+	}
+	if n := reg.Total(); n != 0 {
+		t.Fatalf("%d requests upstream", n)
+	}
+	if st, _ := get("http://" + adminAddr + "/healthz"); st != 200 {
+		t.Fatalf("healthz: %d", st)
+	}
+	st, body := get("http://" + adminAddr + "/readyz")
+	var r struct {
+		Status    string
+		Store     string
+		Offline   bool
+		Upstreams map[string]struct{ State string }
+	}
+	if err := json.Unmarshal([]byte(body), &r); err != nil || st != 200 || r.Status != "ready" || r.Store != "ok" || !r.Offline ||
+		r.Upstreams[reg.Host].State != "offline" {
+		t.Fatalf("readyz: %d %s", st, body)
+	}
+	if st, _ := get("http://" + adminAddr + "/v2/"); st != 404 {
+		t.Fatalf("the registry API on the admin listener: %d", st)
 	}
 }

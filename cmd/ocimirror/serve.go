@@ -20,6 +20,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
 
+	"github.com/ocimirror/ocimirror/admin"
 	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/config"
 	"github.com/ocimirror/ocimirror/proxy"
@@ -47,6 +48,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		logFormat  = fs.String("log-format", "", "log `format`: text or json (default \"text\")")
 		logLevel   = fs.String("log-level", "", "log `level`: debug, info, warn or error (default \"info\")")
 		readOnly   = fs.Bool("read-only", false, "refuse every push and delete (405)")
+		offline    = fs.Bool("offline", false, "send nothing to any upstream: answer from the cache only")
+		adminAddr  = fs.String("admin-listen", "", "`address` of the admin listener (health, readiness), or off (default \"127.0.0.1:5001\")")
 		ups        upstreamFlags
 		hosted     listFlag
 	)
@@ -60,9 +63,13 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		return code
 	}
 	cfg, err := loadConfig(*configFile, *listen, *data, *defaultUp, *logFormat, *logLevel, ups)
-	if err == nil && (len(hosted) > 0 || *readOnly || *maxSize != "") {
+	if err == nil && (len(hosted) > 0 || *readOnly || *maxSize != "" || *offline || *adminAddr != "") {
 		cfg.Hosted = append(cfg.Hosted, hosted...)
 		cfg.ReadOnly = cfg.ReadOnly || *readOnly
+		cfg.Offline = cfg.Offline || *offline
+		if *adminAddr != "" {
+			cfg.Admin.Listen = *adminAddr
+		}
 		if *maxSize != "" {
 			err = cfg.Storage.MaxSize.UnmarshalText([]byte(*maxSize))
 		}
@@ -153,6 +160,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 	})
 
 	var ups []proxy.Upstream
+	clients := map[string]*upstream.Client{}
 	for _, u := range cfg.Upstreams {
 		creds := upstream.Credentials{Username: u.Username, Password: u.Password, Token: u.Token}
 		if u.DockerConfig != "" {
@@ -164,10 +172,12 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 			Name: u.Name, URL: u.URL, Credentials: creds,
 			CAFile: u.TLS.CAFile, InsecureSkipVerify: u.TLS.InsecureSkipVerify,
 			Logger: logger, TracerProvider: tp, UserAgent: "ocimirror/" + version,
+			Offline: cfg.Offline || u.Offline,
 		})
 		if err != nil {
 			return err
 		}
+		clients[c.Name()] = c
 		ups = append(ups, proxy.Upstream{Client: c, TagTTL: u.TagTTL.Duration, Forward: u.Push == config.PushForward})
 	}
 	srv, err := proxy.New(proxy.Options{
@@ -196,7 +206,22 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          log.New(slogWriter{logger}, "", 0),
 	}
-	errc := make(chan error, 1)
+	errc := make(chan error, 2)
+	var as *http.Server
+	if cfg.Admin.Listen != "off" {
+		aln, err := net.Listen("tcp", cfg.Admin.Listen)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("admin.listen: %w", err)
+		}
+		as = &http.Server{
+			Handler:           admin.Handler(admin.Options{Ping: badger.Ping, Upstreams: clients, Offline: cfg.Offline}),
+			ReadHeaderTimeout: 10 * time.Second,
+			ErrorLog:          log.New(slogWriter{logger}, "", 0),
+		}
+		go func() { errc <- as.Serve(aln) }()
+		logger.Info("admin listening", "addr", aln.Addr().String())
+	}
 	go func() {
 		if cfg.TLS.CertFile != "" {
 			errc <- hs.ServeTLS(ln, cfg.TLS.CertFile, cfg.TLS.KeyFile)
@@ -209,7 +234,8 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		names = append(names, u.Name+"="+u.URL)
 	}
 	logger.Info("ocimirror listening", "addr", ln.Addr().String(), "data", cfg.Storage.Path,
-		"default_upstream", cfg.DefaultUpstream, "upstreams", names, "hosted", cfg.Hosted, "read_only", cfg.ReadOnly, "version", version)
+		"default_upstream", cfg.DefaultUpstream, "upstreams", names, "hosted", cfg.Hosted, "read_only", cfg.ReadOnly,
+		"offline", cfg.Offline, "version", version)
 
 	select {
 	case err := <-errc:
@@ -223,11 +249,20 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		logger.Warn("requests still running at shutdown timeout", "err", err)
 		hs.Close()
 	}
+	if as != nil {
+		_ = as.Shutdown(sctx)
+	}
 	if err := srv.Shutdown(sctx); err != nil {
 		logger.Warn("blob fills cancelled at shutdown timeout", "err", err)
 	}
-	if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return err
+	servers := 1
+	if as != nil {
+		servers++
+	}
+	for range servers {
+		if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
 	}
 	return nil
 }

@@ -276,6 +276,9 @@ func startMirror(t *testing.T, yaml string) *mirror {
 	dir := t.TempDir()
 	m := &mirror{config: filepath.Join(dir, "ocimirror.yaml")}
 	yaml = strings.NewReplacer("{{LISTEN}}", "127.0.0.1:0", "{{DATA}}", filepath.Join(dir, "data")).Replace(yaml)
+	if !strings.Contains(yaml, "\nadmin:") {
+		yaml += "admin:\n  listen: 127.0.0.1:0\n" // mirrors run side by side
+	}
 	if err := os.WriteFile(m.config, []byte(yaml), 0o644); err != nil {
 		t.Fatal(err)
 	}

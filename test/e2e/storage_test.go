@@ -47,6 +47,7 @@ func TestE2E_Storage_PinnedAndFull(t *testing.T) {
 	om.stop()
 	maxSize := duDir(t, data) + 256<<10
 	yaml := strings.NewReplacer("{{LISTEN}}", "127.0.0.1:0", "{{DATA}}", data).Replace(config(fmt.Sprintf("  maxSize: %d\n", maxSize)))
+	yaml += "admin:\n  listen: 127.0.0.1:0\n"
 	if err := os.WriteFile(om.config, []byte(yaml), 0o644); err != nil {
 		t.Fatal(err)
 	}

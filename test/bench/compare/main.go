@@ -140,7 +140,7 @@ func run(o options) error {
 		return err
 	}
 	procs = append(procs, dist)
-	om := exec.Command(o.ocimirror, "serve", "--listen", omAddr, "--data", filepath.Join(dir, "ocimirror-data"),
+	om := exec.Command(o.ocimirror, "serve", "--listen", omAddr, "--admin-listen", "127.0.0.1:0", "--data", filepath.Join(dir, "ocimirror-data"),
 		"--upstream", "upstream.bench="+omCounter.url, "--default-upstream", "upstream.bench")
 	if om.Stderr, err = os.Create(filepath.Join(dir, "ocimirror.log")); err != nil {
 		return err

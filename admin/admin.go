@@ -1,0 +1,85 @@
+// Package admin is the admin listener: health, readiness and (later)
+// metrics and imports. It is served on its own address, never with the
+// registry API.
+package admin
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"sort"
+	"time"
+
+	"github.com/ocimirror/ocimirror/upstream"
+)
+
+// Options are what the admin handler reports on.
+type Options struct {
+	// Ping checks that the store is open and writable.
+	Ping func(ctx context.Context) error
+	// Upstreams are the mirrored registries, by name.
+	Upstreams map[string]*upstream.Client
+	// Offline says the whole mirror is offline.
+	Offline bool
+}
+
+// pingTimeout bounds a readiness check of the store.
+const pingTimeout = 5 * time.Second
+
+// Handler serves
+//   - GET /healthz: 200 while the process runs;
+//   - GET /readyz: 200 when the store is open and writable, else 503. The
+//     body gives each upstream's state; an upstream that is down or
+//     offline does not make ocimirror unready (it serves from its cache).
+func Handler(o Options) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "alive"})
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), pingTimeout)
+		defer cancel()
+		type up struct {
+			State     string    `json:"state"` // up, down or offline
+			Since     time.Time `json:"since,omitzero"`
+			Failures  int       `json:"failures"`
+			NextProbe time.Time `json:"nextProbe,omitzero"`
+		}
+		body := struct {
+			Status    string        `json:"status"`
+			Store     string        `json:"store"`
+			Offline   bool          `json:"offline,omitempty"`
+			Upstreams map[string]up `json:"upstreams"`
+		}{Status: "ready", Store: "ok", Offline: o.Offline, Upstreams: map[string]up{}}
+		names := make([]string, 0, len(o.Upstreams))
+		for n := range o.Upstreams {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		for _, n := range names {
+			st := o.Upstreams[n].State()
+			state := "up"
+			switch {
+			case st.Offline:
+				state = "offline"
+			case st.Down:
+				state = "down"
+			}
+			body.Upstreams[n] = up{State: state, Since: st.Since, Failures: st.Failures, NextProbe: st.NextProbe}
+		}
+		status := http.StatusOK
+		if err := o.Ping(ctx); err != nil {
+			body.Status, body.Store, status = "not ready", err.Error(), http.StatusServiceUnavailable
+		}
+		writeJSON(w, status, body)
+	})
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, _ := json.MarshalIndent(v, "", "  ")
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	_, _ = w.Write(append(b, '\n'))
+}

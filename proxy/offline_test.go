@@ -1,0 +1,85 @@
+package proxy_test
+
+import (
+	"encoding/json"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	v1 "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/ocimirror/ocimirror/internal/registrytest"
+)
+
+// Offline: after a warm pull and a restart with the upstream offline, and
+// past every TTL, the tag, its manifest and blobs, the tag list (kept in
+// the store, not memory) and the referrers are served without one request
+// upstream; a miss is a 404 with the usual code and a detail saying the
+// mirror is offline.
+func TestProxy_Offline(t *testing.T) {
+	e, reg := start(t)
+	img := reg.PushImage(t, "app", "v1", 1000)
+	reg.PushImage(t, "app", "v2", 10)
+	sig := reg.PushArtifact(t, "app", img.Descriptor(), "application/vnd.test.sig", nil)
+	reg.PushFallbackIndex(t, "app", img.Digest, sig)
+	accept := "Accept: " + v1.MediaTypeImageManifest
+	expect(t, "warm tag", e.get("/v2/app/manifests/v1", accept), 200, img.Manifest)
+	expect(t, "warm layer", e.get("/v2/app/blobs/"+img.LayerDigests[0].String()), 200, img.Layers[0])
+	expect(t, "warm tag list", e.get("/v2/app/tags/list"), 200, nil)
+	if r, refs := e.referrersOf("/v2/app/referrers/" + img.Digest.String()); r.status != 200 || len(refs) != 1 {
+		t.Fatalf("warm referrers: %d %v", r.status, refs)
+	}
+
+	e.upstreams[0].offline = true
+	e.restart()
+	e.clock.Advance(24 * time.Hour)
+	reg.ResetCounts()
+
+	expect(t, "tag", e.get("/v2/app/manifests/v1", accept), 200, img.Manifest)
+	expect(t, "HEAD tag", e.do(http.MethodHead, "/v2/app/manifests/v1", accept), 200, nil)
+	expect(t, "layer", e.get("/v2/app/blobs/"+img.LayerDigests[0].String()), 200, img.Layers[0])
+	r := e.get("/v2/app/tags/list")
+	var tl struct{ Tags []string }
+	if r.status != 200 || json.Unmarshal(r.body, &tl) != nil || strings.Join(tl.Tags, ",") != "sha256-"+img.Digest.Encoded()+",v1,v2" {
+		t.Fatalf("tag list offline: %d %s", r.status, r.body)
+	}
+	if r, refs := e.referrersOf("/v2/app/referrers/" + img.Digest.String()); r.status != 200 || len(refs) != 1 || refs[0].Digest != sig.Digest {
+		t.Fatalf("referrers offline: %d %v", r.status, refs)
+	}
+	for _, miss := range []struct{ path, code string }{
+		{"/v2/app/manifests/v2", "MANIFEST_UNKNOWN"},
+		{"/v2/app/manifests/" + digest.FromString("x").String(), "MANIFEST_UNKNOWN"},
+		{"/v2/app/blobs/" + digest.FromString("y").String(), "BLOB_UNKNOWN"},
+		{"/v2/other/blobs/" + img.LayerDigests[0].String(), "BLOB_UNKNOWN"}, // held for app only
+	} {
+		r := e.get(miss.path)
+		if r.status != 404 || errorCode(t, r.body) != miss.code || !strings.Contains(string(r.body), "offline") {
+			t.Errorf("%s offline: %d %s", miss.path, r.status, r.body)
+		}
+	}
+	if n := reg.Total(); n != 0 {
+		t.Fatalf("an offline mirror sent %d requests upstream", n)
+	}
+}
+
+// The circuit breaker: a blackholed upstream (it accepts and never
+// answers) is marked down after its failures; warm pulls of a stale tag
+// then send nothing more to it.
+func TestProxy_Breaker_WarmPullsSkipADownUpstream(t *testing.T) {
+	reg := registrytest.New(t)
+	e, _ := start(t, withUpstream(upstreamDef{name: reg.Host, reg: reg, ttl: time.Second, breaker: 2, breakerBackoff: time.Hour}), withDefault(reg.Host))
+	img := reg.PushImage(t, "app", "v1", 100)
+	expect(t, "warm", e.get("/v2/app/manifests/v1"), 200, img.Manifest)
+	expect(t, "warm layer", e.get("/v2/app/blobs/"+img.LayerDigests[0].String()), 200, img.Layers[0])
+	reg.Close() // connections refused from now on
+	for range 20 {
+		e.clock.Advance(2 * time.Second)
+		expect(t, "stale tag", e.get("/v2/app/manifests/v1"), 200, img.Manifest)
+		expect(t, "cached layer", e.get("/v2/app/blobs/"+img.LayerDigests[0].String()), 200, img.Layers[0])
+	}
+	if st := e.clients[reg.Host].State(); !st.Down {
+		t.Fatalf("the upstream is not marked down: %+v", st)
+	}
+}
