@@ -27,6 +27,10 @@ var ErrNotFound = errors.New("graph: not found")
 // ErrTooLarge ends a walk that reached Options.MaxNodes.
 var ErrTooLarge = errors.New("graph: more nodes than the walk's bound")
 
+// ErrDigestMismatch is content whose bytes do not match the digest (or
+// size) it was asked by.
+var ErrDigestMismatch = errors.New("graph: content does not match its digest")
+
 // DefaultMaxNodes bounds a walk when Options.MaxNodes is 0. An image with
 // every platform and its signatures and attestations has some hundreds.
 const DefaultMaxNodes = 100_000
