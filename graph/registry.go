@@ -109,7 +109,7 @@ func (r *Registry) fetchManifest(ctx context.Context, ref string, want digest.Di
 	if err != nil {
 		err = describe(err)
 		if errors.Is(err, upstream.ErrNotFound) {
-			return nil, fmt.Errorf("%w: manifest %s: %w", ErrNotFound, ref, err)
+			return nil, mark(ErrNotFound, fmt.Errorf("manifest %s: %w", ref, err))
 		}
 		return nil, fmt.Errorf("manifest %s: %w", ref, err)
 	}
@@ -121,10 +121,10 @@ func (r *Registry) fetchManifest(ctx context.Context, ref string, want digest.Di
 	if h := resp.Header.Get("Docker-Content-Digest"); h != "" {
 		header = digest.Digest(h)
 		if header.Validate() != nil {
-			return nil, fmt.Errorf("%w: manifest %s: Docker-Content-Digest %q is not a digest", ErrDigestMismatch, ref, h)
+			return nil, mark(ErrDigestMismatch, fmt.Errorf("manifest %s: Docker-Content-Digest %q is not a digest", ref, h))
 		}
 		if want != "" && header != want {
-			return nil, fmt.Errorf("%w: manifest %s: the registry says it is %s", ErrDigestMismatch, ref, header)
+			return nil, mark(ErrDigestMismatch, fmt.Errorf("manifest %s: the registry says it is %s", ref, header))
 		}
 	}
 	d := want
@@ -135,7 +135,7 @@ func (r *Registry) fetchManifest(ctx context.Context, ref string, want digest.Di
 		d = digest.FromBytes(data)
 	}
 	if got := d.Algorithm().FromBytes(data); got != d {
-		return nil, fmt.Errorf("%w: manifest %s: the bytes received hash to %s, not %s", ErrDigestMismatch, ref, got, d)
+		return nil, mark(ErrDigestMismatch, fmt.Errorf("manifest %s: the bytes received hash to %s, not %s", ref, got, d))
 	}
 	mt := manifest.MediaType(resp.Header.Get("Content-Type"))
 	if mt == "" {
@@ -187,7 +187,7 @@ func (r *Registry) referrersOnce(ctx context.Context, d digest.Digest) ([]v1.Des
 		if err != nil {
 			err = describe(err)
 			if errors.Is(err, upstream.ErrNotFound) {
-				return nil, nil, fmt.Errorf("%w: referrers of %s: %w", ErrNotFound, d, err)
+				return nil, nil, mark(ErrNotFound, fmt.Errorf("referrers of %s: %w", d, err))
 			}
 			return nil, nil, fmt.Errorf("referrers of %s: %w", d, err)
 		}
@@ -250,7 +250,7 @@ func (r *Registry) Blob(ctx context.Context, desc v1.Descriptor, w io.Writer) (i
 	if err != nil {
 		err = describe(err)
 		if errors.Is(err, upstream.ErrNotFound) {
-			return 0, fmt.Errorf("%w: blob %s: %w", ErrNotFound, desc.Digest, err)
+			return 0, mark(ErrNotFound, fmt.Errorf("blob %s: %w", desc.Digest, err))
 		}
 		return 0, fmt.Errorf("blob %s: %w", desc.Digest, err)
 	}
@@ -264,13 +264,24 @@ func (r *Registry) Blob(ctx context.Context, desc v1.Descriptor, w io.Writer) (i
 		return n, fmt.Errorf("blob %s: reading after %d bytes: %w", desc.Digest, n, err)
 	}
 	if n != desc.Size {
-		return n, fmt.Errorf("%w: blob %s: %d bytes received, the descriptor says %d", ErrDigestMismatch, desc.Digest, n, desc.Size)
+		return n, mark(ErrDigestMismatch, fmt.Errorf("blob %s: %d bytes received, the descriptor says %d", desc.Digest, n, desc.Size))
 	}
 	if !v.Verified() {
-		return n, fmt.Errorf("%w: blob %s: the bytes received do not hash to it", ErrDigestMismatch, desc.Digest)
+		return n, mark(ErrDigestMismatch, fmt.Errorf("blob %s: the bytes received do not hash to it", desc.Digest))
 	}
 	return n, nil
 }
+
+// marked is an error that matches a sentinel (errors.Is) without
+// saying its words: the message tells the user what happened already.
+type marked struct {
+	sentinel, err error
+}
+
+func mark(sentinel, err error) error { return &marked{sentinel, err} }
+
+func (m *marked) Error() string   { return m.err.Error() }
+func (m *marked) Unwrap() []error { return []error{m.sentinel, m.err} }
 
 // statusError is an upstream.StatusError told with the registry's own
 // words: the OCI error code and message of its body.
