@@ -115,7 +115,12 @@ func runPrefetch(ctx context.Context, args []string, stdout, stderr io.Writer) i
 		images int
 		failed []target
 	)
-	for _, t := range targets {
+	left := 0
+	for i, t := range targets {
+		if ctx.Err() != nil {
+			left = len(targets) - i
+			break
+		}
 		var res imageResult
 		if t.err != nil {
 			res.errs = []error{t.err}
@@ -141,6 +146,14 @@ func runPrefetch(ctx context.Context, args []string, stdout, stderr io.Writer) i
 		for _, t := range failed {
 			fmt.Fprintf(stderr, "  %s\n", t.text)
 		}
+	}
+	if left > 0 {
+		fmt.Fprintf(stderr, "ocimirror prefetch: interrupted; %d references not tried:\n", left)
+		for _, t := range targets[len(targets)-left:] {
+			fmt.Fprintf(stderr, "  %s\n", t.text)
+		}
+	}
+	if len(failed) > 0 || left > 0 {
 		return 1
 	}
 	return 0

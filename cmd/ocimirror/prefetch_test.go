@@ -232,3 +232,19 @@ func TestReadRefFile(t *testing.T) {
 		t.Errorf("bad line: %v", ts[2].err)
 	}
 }
+
+// Interrupted (SIGINT, SIGTERM), prefetch stops, exits 1 and names the
+// references it did not try.
+func TestRun_PrefetchInterrupted(t *testing.T) {
+	reg := registrytest.New(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	var stdout, stderr bytes.Buffer
+	code := run(ctx, []string{"prefetch", "--mirror", reg.URL, "team/a:v1", "team/b:v1"}, &stdout, &stderr)
+	if code != 1 || !strings.Contains(stderr.String(), "interrupted; 2 references not tried:\n  team/a:v1\n  team/b:v1\n") {
+		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout.String(), stderr.String())
+	}
+	if reg.Total() != 0 {
+		t.Errorf("%d requests after the interruption", reg.Total())
+	}
+}
