@@ -27,6 +27,10 @@ var ErrNotFound = errors.New("graph: not found")
 // ErrTooLarge ends a walk that reached Options.MaxNodes.
 var ErrTooLarge = errors.New("graph: more nodes than the walk's bound")
 
+// ErrDigestMismatch is content whose bytes do not match the digest (or
+// size) it was asked by.
+var ErrDigestMismatch = errors.New("graph: content does not match its digest")
+
 // DefaultMaxNodes bounds a walk when Options.MaxNodes is 0. An image with
 // every platform and its signatures and attestations has some hundreds.
 const DefaultMaxNodes = 100_000
@@ -87,6 +91,11 @@ type Options struct {
 	Referrers bool
 	// MaxNodes bounds the walk (DefaultMaxNodes if 0).
 	MaxNodes int
+	// Platforms, when not empty, keeps of an index's children only those
+	// whose platform matches one of these, as containerd matches them
+	// (see ParsePlatform); a child that names no platform is kept. The
+	// children left out are not visited, nor is anything they name.
+	Platforms []v1.Platform
 }
 
 // Walk visits root and everything reachable from it, each digest once,
@@ -99,6 +108,7 @@ func Walk(ctx context.Context, src Source, root v1.Descriptor, opts Options, vis
 	if max <= 0 {
 		max = DefaultMaxNodes
 	}
+	keep := platformFilter(opts.Platforms)
 	seen := make(map[digest.Digest]struct{})
 	queue := []Node{{Kind: Root, Descriptor: root}}
 	for len(queue) > 0 {
@@ -146,6 +156,9 @@ func Walk(ctx context.Context, src Source, root v1.Descriptor, opts Options, vis
 				queue = append(queue, Node{Kind: Layer, Descriptor: l, Parent: d})
 			}
 			for _, c := range m.Manifests {
+				if !keep(c) {
+					continue
+				}
 				queue = append(queue, Node{Kind: Child, Descriptor: c, Parent: d})
 			}
 		}

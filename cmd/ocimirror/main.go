@@ -23,6 +23,7 @@ const usage = `ocimirror: a caching pull-through proxy for OCI and Docker regist
 Usage:
   ocimirror serve [flags]    run the mirror (built-in defaults need no flags)
   ocimirror gc [flags]       collect unreferenced data of a stopped mirror
+  ocimirror prefetch REF...  warm a running mirror: images, platforms, blobs, referrers
   ocimirror version          print the version
   ocimirror help [command]   show help
 
@@ -48,6 +49,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return runVersion(rest, stdout, stderr)
 	case "gc":
 		return runGC(ctx, rest, stdout, stderr)
+	case "prefetch":
+		return runPrefetch(ctx, rest, stdout, stderr)
 	case "help", "-h", "-help", "--help":
 		if len(rest) > 0 && rest[0] != "help" {
 			return run(ctx, []string{rest[0], "--help"}, stdout, stderr)
