@@ -10,15 +10,11 @@ import (
 	"net/url"
 	"os"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/dustin/go-humanize"
-	"github.com/opencontainers/go-digest"
-	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/ocimirror/ocimirror/graph"
-	"github.com/ocimirror/ocimirror/manifest"
 	"github.com/ocimirror/ocimirror/upstream"
 )
 
@@ -108,10 +104,10 @@ func runPrefetch(ctx context.Context, args []string, stdout, stderr io.Writer) i
 	}
 
 	prog := newProgress(stdout, stderr)
-	p := &prefetcher{client: client, opts: opts, jobs: *jobs, prog: prog}
+	p := &graph.Prefetcher{Client: client, Options: opts, Jobs: *jobs}
 	start := time.Now()
 	var (
-		total  imageResult
+		total  graph.Result
 		images int
 		failed []target
 	)
@@ -121,16 +117,17 @@ func runPrefetch(ctx context.Context, args []string, stdout, stderr io.Writer) i
 			left = len(targets) - i
 			break
 		}
-		var res imageResult
+		var res graph.Result
 		if t.err != nil {
-			res.errs = []error{t.err}
+			res.Errs = []error{t.err}
 			prog.failure(t.text, t.err)
 		} else {
-			res = p.image(ctx, t)
+			prog.begin(t.text)
+			res = p.Image(ctx, t.ref, imageProgress{prog, t.text})
 		}
 		prog.end(t.text, res)
-		total.add(res)
-		if len(res.errs) > 0 {
+		total.Add(res)
+		if len(res.Errs) > 0 {
 			failed = append(failed, t)
 		} else {
 			images++
@@ -139,7 +136,7 @@ func runPrefetch(ctx context.Context, args []string, stdout, stderr io.Writer) i
 	prog.close()
 
 	fmt.Fprintf(stdout, "prefetched %d of %d images: %d manifests, %d referrers, %d blobs, %s in %s\n",
-		images, len(targets), total.manifests, total.referrers, total.blobs, humanize.IBytes(uint64(total.bytes)),
+		images, len(targets), total.Manifests, total.Referrers, total.Blobs, humanize.IBytes(uint64(total.Bytes)),
 		time.Since(start).Round(time.Millisecond))
 	if len(failed) > 0 {
 		fmt.Fprintf(stderr, "ocimirror prefetch: %d of %d references failed:\n", len(failed), len(targets))
@@ -236,123 +233,4 @@ func readRefFile(path string) ([]target, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return out, nil
-}
-
-// imageResult is what prefetching one reference fetched, and what failed.
-type imageResult struct {
-	digest    digest.Digest
-	manifests int
-	referrers int
-	blobs     int
-	bytes     int64
-	errs      []error
-	took      time.Duration
-}
-
-func (r *imageResult) add(o imageResult) {
-	r.manifests += o.manifests
-	r.referrers += o.referrers
-	r.blobs += o.blobs
-	r.bytes += o.bytes
-}
-
-// prefetcher warms a mirror one image at a time, each image's blobs
-// jobs at once.
-type prefetcher struct {
-	client *upstream.Client
-	opts   graph.Options
-	jobs   int
-	prog   progress
-}
-
-// image walks one reference through the mirror: manifests as the walk
-// reads them, blobs on up to jobs goroutines while the walk goes on.
-// Every failure is reported and kept; the walk goes on past a blob or a
-// missing manifest, and stops at an error of the walk itself.
-func (p *prefetcher) image(ctx context.Context, t target) imageResult {
-	start := time.Now()
-	p.prog.begin(t.text)
-	var (
-		res  imageResult
-		mu   sync.Mutex
-		wg   sync.WaitGroup
-		sem  = make(chan struct{}, p.jobs)
-		kept int // children of the root index walked
-	)
-	fail := func(err error) {
-		mu.Lock()
-		res.errs = append(res.errs, err)
-		mu.Unlock()
-		p.prog.failure(t.text, err)
-	}
-	src := graph.NewRegistry(p.client, t.ref.Name())
-	root, err := src.Resolve(ctx, t.ref.Ref())
-	if err != nil {
-		fail(err)
-		res.took = time.Since(start)
-		return res
-	}
-	res.digest = root.Digest
-	walkErr := graph.Walk(ctx, src, root, p.opts, func(n graph.Node) error {
-		d := n.Descriptor
-		p.prog.found(d.Size)
-		if !n.Kind.Blob() {
-			defer p.prog.done(d.Size)
-			if n.Missing {
-				fail(fmt.Errorf("%s manifest %s (named by %s): not found", n.Kind, d.Digest, n.Parent))
-				return nil
-			}
-			mu.Lock()
-			res.manifests++
-			res.bytes += d.Size
-			if n.Kind == graph.Referrer {
-				res.referrers++
-			}
-			if n.Kind == graph.Child && n.Parent == root.Digest {
-				kept++
-			}
-			mu.Unlock()
-			return nil
-		}
-		select {
-		case sem <- struct{}{}:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-		wg.Go(func() {
-			defer func() { <-sem }()
-			got, err := src.Blob(ctx, d, p.prog)
-			// Whatever arrived counts toward the bar; the rest is skipped.
-			p.prog.done(d.Size - got)
-			if err != nil {
-				fail(fmt.Errorf("%s %w", n.Kind, err))
-				return
-			}
-			mu.Lock()
-			res.blobs++
-			res.bytes += got
-			mu.Unlock()
-		})
-		return nil
-	})
-	wg.Wait()
-	if walkErr != nil {
-		fail(walkErr)
-	}
-	if walkErr == nil && len(p.opts.Platforms) > 0 && manifest.IsIndex(root.MediaType) && kept == 0 {
-		fail(fmt.Errorf("no manifest of index %s is for %s", root.Digest, platformList(p.opts.Platforms)))
-	}
-	for _, w := range src.Warnings() {
-		fail(errors.New(w))
-	}
-	res.took = time.Since(start)
-	return res
-}
-
-func platformList(ps []v1.Platform) string {
-	s := make([]string, len(ps))
-	for i, p := range ps {
-		s[i] = graph.FormatPlatform(p)
-	}
-	return strings.Join(s, ", ")
 }

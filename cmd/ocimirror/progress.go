@@ -12,6 +12,8 @@ import (
 	"github.com/vbauerster/mpb/v8"
 	"github.com/vbauerster/mpb/v8/decor"
 	"golang.org/x/term"
+
+	"github.com/ocimirror/ocimirror/graph"
 )
 
 // progress is what prefetch tells the user as it goes. Items are
@@ -29,10 +31,21 @@ type progress interface {
 	// failure reports one failure of ref, when it happens.
 	failure(ref string, err error)
 	// end reports an image: one line.
-	end(ref string, res imageResult)
+	end(ref string, res graph.Result)
 	// close ends the display, before the summary is printed.
 	close()
 }
+
+// imageProgress is the progress of one image, as the prefetcher reports it.
+type imageProgress struct {
+	p   progress
+	ref string
+}
+
+func (i imageProgress) Found(size int64)            { i.p.found(size) }
+func (i imageProgress) Write(b []byte) (int, error) { return i.p.Write(b) }
+func (i imageProgress) Done(rest int64)             { i.p.done(rest) }
+func (i imageProgress) Failure(err error)           { i.p.failure(i.ref, err) }
 
 // newProgress shows a progress bar when stderr is a terminal, and plain
 // lines otherwise.
@@ -44,17 +57,17 @@ func newProgress(stdout, stderr io.Writer) progress {
 }
 
 // imageLine is the line that reports an image.
-func imageLine(ref string, res imageResult) string {
-	stats := fmt.Sprintf("%d manifests, %d referrers, %d blobs, %s in %s", res.manifests, res.referrers, res.blobs,
-		humanize.IBytes(uint64(res.bytes)), res.took.Round(time.Millisecond))
-	if len(res.errs) > 0 {
+func imageLine(ref string, res graph.Result) string {
+	stats := fmt.Sprintf("%d manifests, %d referrers, %d blobs, %s in %s", res.Manifests, res.Referrers, res.Blobs,
+		humanize.IBytes(uint64(res.Bytes)), res.Took.Round(time.Millisecond))
+	if len(res.Errs) > 0 {
 		errs := "1 error"
-		if len(res.errs) > 1 {
-			errs = fmt.Sprintf("%d errors", len(res.errs))
+		if len(res.Errs) > 1 {
+			errs = fmt.Sprintf("%d errors", len(res.Errs))
 		}
 		return fmt.Sprintf("FAIL %s (%s; %s)", ref, errs, stats)
 	}
-	return fmt.Sprintf("ok   %s %s (%s)", ref, res.digest, stats)
+	return fmt.Sprintf("ok   %s %s (%s)", ref, res.Digest, stats)
 }
 
 func failureLine(ref string, err error) string {
@@ -80,7 +93,7 @@ func (l *lineProgress) failure(ref string, err error) {
 	fmt.Fprintln(l.stderr, failureLine(ref, err))
 }
 
-func (l *lineProgress) end(ref string, res imageResult) {
+func (l *lineProgress) end(ref string, res graph.Result) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	fmt.Fprintln(l.stdout, imageLine(ref, res))
@@ -149,7 +162,7 @@ func (b *barProgress) println(s string) {
 
 func (b *barProgress) failure(ref string, err error) { b.println(failureLine(ref, err)) }
 
-func (b *barProgress) end(ref string, res imageResult) { b.println(imageLine(ref, res)) }
+func (b *barProgress) end(ref string, res graph.Result) { b.println(imageLine(ref, res)) }
 
 func (b *barProgress) close() {
 	done := "done"
