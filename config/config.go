@@ -10,10 +10,12 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/Masterminds/semver/v3"
 	"github.com/dustin/go-humanize"
 	"go.yaml.in/yaml/v3"
 )
@@ -43,10 +45,30 @@ type Config struct {
 	Offline bool `yaml:"offline"`
 	// Admin is the listener for health, readiness and administration, never exposed with the registry API.
 	Admin Admin `yaml:"admin"`
+	// Sync are repositories the mirror keeps warm by itself; what it syncs is pinned.
+	Sync []Sync `yaml:"sync"`
 	// Log sets the format and level of the log on standard error.
 	Log Log `yaml:"log"`
 	// ShutdownTimeout bounds how long SIGTERM waits for in-flight work.
 	ShutdownTimeout Duration `yaml:"shutdownTimeout"`
+}
+
+// Sync is a repository the mirror keeps warm: its matching tags are
+// fetched with every platform (or those listed), blobs and referrers, and
+// pinned.
+type Sync struct {
+	// Repository is written as a client pulls it through ocimirror: docker.io/library/alpine.
+	Repository string `yaml:"repository"`
+	// Tags is a regular expression a tag must match whole (default: any).
+	Tags string `yaml:"tags"`
+	// Semver is a version range (">=1.2, <2"): only tags that are versions in it.
+	Semver string `yaml:"semver"`
+	// Interval is how often the upstream is checked for new tags (1h).
+	Interval Duration `yaml:"interval"`
+	// Platforms are os/arch[/variant] to fetch of an index (default: every one).
+	Platforms []string `yaml:"platforms"`
+	// MaxTags bounds the tags kept: the highest versions (or names) first (default 20).
+	MaxTags int `yaml:"maxTags"`
 }
 
 // Admin configures the admin listener.
@@ -400,6 +422,9 @@ func (c *Config) merge(f Config) {
 	}
 	c.ReadOnly = c.ReadOnly || f.ReadOnly
 	c.Offline = c.Offline || f.Offline
+	if f.Sync != nil {
+		c.Sync = f.Sync
+	}
 	if f.Admin.Listen != "" {
 		c.Admin.Listen = f.Admin.Listen
 	}
@@ -476,6 +501,33 @@ func (c *Config) Validate() error {
 	for i, p := range c.Storage.Pin {
 		if strings.TrimSpace(p) == "" || len(p) > 512 {
 			return fmt.Errorf("storage.pin[%d]: %q is not an image reference", i, p)
+		}
+	}
+	for i := range c.Sync {
+		y := &c.Sync[i]
+		field := fmt.Sprintf("sync[%d]", i)
+		if strings.TrimSpace(y.Repository) == "" {
+			return fmt.Errorf("%s.repository: must name a repository, such as docker.io/library/alpine", field)
+		}
+		if err := y.Interval.parse(field + ".interval"); err != nil {
+			return err
+		}
+		if y.Interval.Duration == 0 {
+			y.Interval = Dur(time.Hour)
+		}
+		if y.Interval.Duration < time.Minute {
+			return fmt.Errorf("%s.interval: %s must be at least 1m", field, y.Interval.Duration)
+		}
+		if _, err := regexp.Compile(y.Tags); err != nil {
+			return fmt.Errorf("%s.tags: %q is not a regular expression (%v)", field, y.Tags, err)
+		}
+		if y.Semver != "" {
+			if _, err := semver.NewConstraint(y.Semver); err != nil {
+				return fmt.Errorf("%s.semver: %q is not a version range such as \">=1.2, <2\" (%v)", field, y.Semver, err)
+			}
+		}
+		if y.MaxTags < 0 || y.MaxTags > 1000 {
+			return fmt.Errorf("%s.maxTags: %d, want 1 to 1000 (default 20)", field, y.MaxTags)
 		}
 	}
 	if h, l := c.Storage.HighWatermark, c.Storage.LowWatermark; h < 1 || h > 100 || l < 1 || l >= h {

@@ -60,12 +60,22 @@ upstreams:
       insecureSkipVerify: true
 hosted: ["ci/", "local"]
 readOnly: true
+offline: true
+admin:
+  listen: 127.0.0.1:7001
+sync:
+  - repository: docker.io/library/alpine
+    semver: ">=3.19"
+    platforms: [linux/amd64]
 `))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if c.Listen != "127.0.0.1:6000" || c.Storage.Path != "/var/lib/ocimirror" || c.Log.Format != LogJSON || c.Log.Level != "debug" {
 		t.Errorf("top level: %+v", c)
+	}
+	if !c.Offline || c.Admin.Listen != "127.0.0.1:7001" || len(c.Sync) != 1 || c.Sync[0].Interval.Duration != time.Hour || c.Sync[0].Platforms[0] != "linux/amd64" {
+		t.Errorf("offline, admin, sync: %v %+v %+v", c.Offline, c.Admin, c.Sync)
 	}
 	if len(c.Storage.Pin) != 2 || c.Storage.Pin[0] != "docker.io/library/alpine:3.20" {
 		t.Errorf("storage.pin: %q", c.Storage.Pin)
@@ -132,6 +142,11 @@ func TestParse_Errors(t *testing.T) {
 		{"not yaml", "listen: [\n", []string{"yaml"}},
 		{"bad push mode", "upstreams:\n  - name: a.io\n    push: always\n", []string{"push", `"always"`}},
 		{"bad hosted prefix", "hosted: [\"CI/\"]\n", []string{"hosted[0]", `"CI/"`}},
+		{"bad admin listen", "admin:\n  listen: 5001\n", []string{"admin.listen", `"5001"`}},
+		{"sync without repository", "sync:\n  - tags: v1\n", []string{"sync[0].repository"}},
+		{"sync bad tags", "sync:\n  - repository: a/b\n    tags: \"(\"\n", []string{"sync[0].tags", `"("`}},
+		{"sync bad semver", "sync:\n  - repository: a/b\n    semver: soon\n", []string{"sync[0].semver", `"soon"`}},
+		{"sync short interval", "sync:\n  - repository: a/b\n    interval: 5s\n", []string{"sync[0].interval", "5s"}},
 		{"empty pin", "storage:\n  pin: [\"  \"]\n", []string{"storage.pin[0]", `"  "`}},
 		{"empty hosted prefix", "hosted: [\"/\"]\n", []string{"hosted[0]", `"/"`}},
 	}

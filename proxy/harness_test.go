@@ -76,6 +76,7 @@ type env struct {
 	lruBytes    int64
 	budget      cache.Budget
 	pins        []string
+	sync        []proxy.SyncRule
 
 	badger  *cache.Badger
 	store   cache.Store
@@ -100,6 +101,7 @@ func withStore(wrap func(cache.Store) cache.Store) option { return func(e *env) 
 func withLRUBytes(n int64) option                         { return func(e *env) { e.lruBytes = n } }
 func withBudget(b cache.Budget) option                    { return func(e *env) { e.budget = b } }
 func withDir(dir string) option                           { return func(e *env) { e.dir = dir } }
+func withSync(rules ...proxy.SyncRule) option             { return func(e *env) { e.sync = rules } }
 func withPins(refs ...string) option                      { return func(e *env) { e.pins = refs } }
 func withTracer(tp trace.TracerProvider) option {
 	return func(e *env) { e.tracer = tp }
@@ -163,7 +165,7 @@ func (e *env) open() {
 	}
 	e.srv, err = proxy.New(proxy.Options{Store: e.store, Upstreams: ups, DefaultUpstream: e.defaultName,
 		Hosted: e.hosted, ReadOnly: e.readOnly, MaxUploads: e.maxUploads, MaxUploadsPerClient: e.perClient,
-		UploadIdle: e.uploadIdle, BodyIdle: e.bodyIdle, Pins: e.pins,
+		UploadIdle: e.uploadIdle, BodyIdle: e.bodyIdle, Pins: e.pins, Sync: e.sync,
 		Logger: testLogger(t), Clock: e.clock.Now, TracerProvider: e.tracer})
 	if err != nil {
 		t.Fatal(err)

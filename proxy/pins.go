@@ -74,22 +74,42 @@ func (s *Server) Pinned(ctx context.Context) (map[digest.Digest]struct{}, error)
 			roots = []digest.Digest{e.Digest, e.Pending}
 		}
 		for _, root := range roots {
-			if root == "" {
-				continue
+			if err := s.keepImage(ctx, keep, p.key, root, p.ref); err != nil {
+				return nil, err
 			}
-			err := graph.Walk(ctx, pinSource{s: s, key: p.key}, v1.Descriptor{Digest: root}, graph.Options{Referrers: true},
-				func(n graph.Node) error {
-					keep[n.Descriptor.Digest] = struct{}{}
-					return nil
-				})
-			if errors.Is(err, graph.ErrTooLarge) {
-				s.log.Warn("pinned image larger than a walk's bound: only part of it is kept", "pin", p.ref, "err", err)
-			} else if err != nil {
-				return nil, fmt.Errorf("pin %s: %w", p.ref, err)
+		}
+	}
+	synced, err := s.syncedRoots(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for key, roots := range synced {
+		for _, root := range roots {
+			if err := s.keepImage(ctx, keep, key, digest.Digest(root), "sync "+key.Upstream+"/"+key.Repo); err != nil {
+				return nil, err
 			}
 		}
 	}
 	return keep, nil
+}
+
+// keepImage adds to keep every digest of the image at root that the
+// store holds in the repository: its platforms, blobs and referrers.
+func (s *Server) keepImage(ctx context.Context, keep map[digest.Digest]struct{}, key cache.RepoKey, root digest.Digest, what string) error {
+	if root == "" {
+		return nil
+	}
+	err := graph.Walk(ctx, pinSource{s: s, key: key}, v1.Descriptor{Digest: root}, graph.Options{Referrers: true},
+		func(n graph.Node) error {
+			keep[n.Descriptor.Digest] = struct{}{}
+			return nil
+		})
+	if errors.Is(err, graph.ErrTooLarge) {
+		s.log.Warn("pinned image larger than a walk's bound: only part of it is kept", "pin", what, "err", err)
+	} else if err != nil {
+		return fmt.Errorf("pin %s: %w", what, err)
+	}
+	return nil
 }
 
 // pinSource reads a pinned image from the store.

@@ -84,6 +84,8 @@ type Options struct {
 	UploadIdle time.Duration
 	// BodyIdle cuts a request body that sends nothing for this long (30s if 0).
 	BodyIdle time.Duration
+	// Sync are repositories the mirror keeps warm, and pinned.
+	Sync []SyncRule
 	// Pins are the images eviction keeps, as clients name them
 	// (docker.io/library/alpine:3.20, ghcr.io/org/app@sha256:...).
 	Pins []string
@@ -124,7 +126,11 @@ type Server struct {
 	// coalesces blobs.
 	flight flight.Group[string, any]
 	fills  fills
-	pins   []pin
+	// syncRules keep repositories warm (sync.go); stopSync ends them.
+	syncRules []syncRule
+	stopSync  func()
+	syncWG    sync.WaitGroup
+	pins      []pin
 	// spills are the slots of fills streaming past a full store;
 	// fullWarned is when that was last logged (unix nanoseconds).
 	spills     chan struct{}
@@ -223,7 +229,20 @@ func New(o Options) (*Server, error) {
 		}
 		s.pins = append(s.pins, p)
 	}
+	for _, r := range o.Sync {
+		y, err := s.parseSync(r)
+		if err != nil {
+			return nil, err
+		}
+		s.syncRules = append(s.syncRules, y)
+	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	if len(s.syncRules) > 0 {
+		if err := s.startSync(); err != nil {
+			s.cancel()
+			return nil, err
+		}
+	}
 	go s.expireUploads()
 	return s, nil
 }
@@ -235,6 +254,9 @@ const entryOverhead = 128
 // Shutdown waits for background fills to finish, or cancels them when ctx
 // ends first. Call it after the HTTP server has shut down.
 func (s *Server) Shutdown(ctx context.Context) error {
+	if s.stopSync != nil {
+		s.stopSync()
+	}
 	done := make(chan struct{})
 	go func() { s.work.Wait(); close(done) }()
 	var err error

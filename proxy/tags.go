@@ -105,16 +105,8 @@ func (u *upstreamState) tagList(ctx context.Context, q *request) (tagList, error
 		return old, nil
 	}
 	v, err, shared := s.flightDo(ctx, "l\x00"+key, func(ctx context.Context) (any, error) {
-		tags, err := fetchTags(ctx, u.client, q.repo)
-		if err != nil {
-			return nil, err
-		}
-		l := tagList{tags: tags, checked: s.now()}
-		s.tagLists.Add(key, l)
-		if err := s.store.PutUpstreamTags(ctx, u.name, q.repo, cache.UpstreamTags{Tags: tags, CheckedAt: l.checked}); err != nil {
-			s.log.Warn("storing an upstream tag list", "upstream", u.name, "repo", q.repo, "err", err)
-		}
-		return l, nil
+		tags, err := u.refreshTags(ctx, q.repo)
+		return tagList{tags: tags, checked: s.now()}, err
 	})
 	if err != nil {
 		if known && upstream.Transient(err) {
@@ -128,6 +120,22 @@ func (u *upstreamState) tagList(ctx context.Context, q *request) (tagList, error
 	}
 	q.setCache(missOrCoalesced(shared))
 	return v.(tagList), nil
+}
+
+// refreshTags fetches a repository's tag list from the upstream, and keeps
+// it in memory and in the store.
+func (u *upstreamState) refreshTags(ctx context.Context, repo string) ([]string, error) {
+	s := u.s
+	tags, err := fetchTags(ctx, u.client, repo)
+	if err != nil {
+		return nil, err
+	}
+	now := s.now()
+	s.tagLists.Add(u.name+"\x00"+repo, tagList{tags: tags, checked: now})
+	if err := s.store.PutUpstreamTags(ctx, u.name, repo, cache.UpstreamTags{Tags: tags, CheckedAt: now}); err != nil {
+		s.log.Warn("storing an upstream tag list", "upstream", u.name, "repo", repo, "err", err)
+	}
+	return tags, nil
 }
 
 // fetchTags reads every page of an upstream's tag list, at most

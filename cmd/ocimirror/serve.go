@@ -180,9 +180,14 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		clients[c.Name()] = c
 		ups = append(ups, proxy.Upstream{Client: c, TagTTL: u.TagTTL.Duration, Forward: u.Push == config.PushForward})
 	}
+	var syncs []proxy.SyncRule
+	for _, y := range cfg.Sync {
+		syncs = append(syncs, proxy.SyncRule{Repository: y.Repository, Tags: y.Tags, Semver: y.Semver,
+			Interval: y.Interval.Duration, Platforms: y.Platforms, MaxTags: y.MaxTags})
+	}
 	srv, err := proxy.New(proxy.Options{
 		Store: store, Upstreams: ups, DefaultUpstream: cfg.DefaultUpstream,
-		Hosted: cfg.Hosted, ReadOnly: cfg.ReadOnly, Pins: cfg.Storage.Pin,
+		Hosted: cfg.Hosted, ReadOnly: cfg.ReadOnly, Pins: cfg.Storage.Pin, Sync: syncs,
 		MaxUploads: cfg.Uploads.Max, MaxUploadsPerClient: cfg.Uploads.PerClient, UploadIdle: cfg.Uploads.Idle.Duration,
 		TagListBytes: cfg.Cache.TagListBytes.Bytes,
 		Logger:       logger, TracerProvider: tp,
