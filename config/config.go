@@ -156,6 +156,8 @@ type Upstream struct {
 	Push PushMode `yaml:"push"`
 	// Offline sends no request to this upstream: its repositories are answered from the cache.
 	Offline bool `yaml:"offline"`
+	// Timeout bounds the wait for the upstream's answer to a request (60s); a timeout counts toward marking it down.
+	Timeout Duration `yaml:"timeout"`
 }
 
 // PushMode is what happens to a push to a proxied repository.
@@ -608,6 +610,9 @@ func (u *Upstream) validate(field string) error {
 	// url.Parse takes the scheme in any case; write it in lower case, and
 	// without trailing slashes, so that validating again changes nothing.
 	u.URL = p.Scheme + strings.TrimRight(u.URL[len(p.Scheme):], "/")
+	if err := u.Timeout.parse(field + ".timeout"); err != nil {
+		return err
+	}
 	if err := u.TagTTL.parse(field + ".tagTTL"); err != nil {
 		return err
 	}

@@ -25,3 +25,11 @@ func (s *Server) Followers(upstream string, d digest.Digest) int {
 	}
 	return int(f.users.Load()) - 1
 }
+
+// SetRevalidateWait sets how long a client waits for a tag's
+// revalidation when a last good answer exists; it returns the restore.
+func SetRevalidateWait(d time.Duration) (restore func()) {
+	old := revalidateWait
+	revalidateWait = d
+	return func() { revalidateWait = old }
+}

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/gorilla/mux"
 	"github.com/opencontainers/go-digest"
@@ -369,13 +370,26 @@ func (u *upstreamState) resolveTag(ctx context.Context, key cache.TagKey, head b
 	if head {
 		mode = "h"
 	}
-	v, err, shared := s.flightDo(ctx, "t\x00"+mode+"\x00"+key.Upstream+"\x00"+key.Repo+"\x00"+key.Tag, func(ctx context.Context) (any, error) {
+	wait := ctx
+	if good {
+		// With a last good answer, a client waits a bounded time for the
+		// revalidation; a slow upstream's goes on in the background.
+		var cancel context.CancelFunc
+		wait, cancel = context.WithTimeout(ctx, revalidateWait)
+		defer cancel()
+	}
+	v, err, shared := s.flightDo(wait, "t\x00"+mode+"\x00"+key.Upstream+"\x00"+key.Repo+"\x00"+key.Tag, func(ctx context.Context) (any, error) {
 		// A flight that ended just before this one began may have answered.
 		if cur, err := s.store.GetTag(ctx, key); err == nil && cur.Pending == "" && cur.Digest != "" && s.now().Sub(cur.CheckedAt) < u.tagTTL {
 			return tagResult{entry: cur, held: true, hit: true}, nil
 		}
 		return u.revalidateTag(ctx, key, old, found, fresh, head)
 	})
+	if err != nil && good && ctx.Err() == nil && wait.Err() != nil {
+		s.log.Debug("tag revalidation slow; serving the last known answer meanwhile", "upstream", u.name, "repo", key.Repo,
+			"tag", key.Tag, "waited", revalidateWait)
+		return tagResult{entry: goodEntry(old), held: true}, "stale", nil
+	}
 	if err != nil {
 		if good && upstream.Transient(err) {
 			if !errors.Is(err, upstream.ErrOffline) {
@@ -409,6 +423,11 @@ func goodEntry(e cache.TagEntry) cache.TagEntry {
 func pendingEntry(e cache.TagEntry) cache.TagEntry {
 	return cache.TagEntry{Digest: e.Pending, MediaType: e.PendingType, Size: e.PendingSize, CheckedAt: e.CheckedAt}
 }
+
+// revalidateWait is how long a client waits for a tag's revalidation when
+// a last good answer exists; past it, it gets that answer (stale) and the
+// revalidation goes on for the next client.
+var revalidateWait = 5 * time.Second
 
 // errTagGone marks the upstream's 404 for a tag itself (not for the
 // manifest it names): only then is the cached tag forgotten.

@@ -1,9 +1,11 @@
 package proxy_test
 
 import (
+	"bytes"
 	"encoding/json"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -11,6 +13,7 @@ import (
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/ocimirror/ocimirror/internal/registrytest"
+	"github.com/ocimirror/ocimirror/proxy"
 )
 
 // Offline: after a warm pull and a restart with the upstream offline, and
@@ -82,4 +85,39 @@ func TestProxy_Breaker_WarmPullsSkipADownUpstream(t *testing.T) {
 	if st := e.clients[reg.Host].State(); !st.Down {
 		t.Fatalf("the upstream is not marked down: %+v", st)
 	}
+}
+
+// A slow upstream does not slow warm pulls: a client waits a bounded time
+// for a stale tag's revalidation, then gets the last good answer while
+// the revalidation goes on; once it ends, the tag is fresh again.
+func TestProxy_Tag_SlowRevalidationServesLastGood(t *testing.T) {
+	defer proxy.SetRevalidateWait(100 * time.Millisecond)()
+	e, reg := start(t)
+	img := reg.PushImage(t, "app", "v1", 100)
+	expect(t, "warm", e.get("/v2/app/manifests/v1"), 200, img.Manifest)
+	release := make(chan struct{})
+	var heads atomic.Int32
+	reg.Intercept(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method == http.MethodHead && strings.HasSuffix(r.URL.Path, "/manifests/v1") {
+			heads.Add(1)
+			<-release
+		}
+		return false
+	})
+	e.clock.Advance(time.Hour)
+	for range 5 {
+		r := e.get("/v2/app/manifests/v1")
+		if r.status != 200 || !bytes.Equal(r.body, img.Manifest) {
+			t.Fatalf("stale tag with a slow upstream: %d", r.status)
+		}
+	}
+	if n := heads.Load(); n != 1 {
+		t.Fatalf("%d revalidations upstream for 5 clients, want 1 (shared, still running)", n)
+	}
+	close(release)
+	waitFor(t, "the tag fresh again", func() bool {
+		before := heads.Load()
+		r := e.get("/v2/app/manifests/v1")
+		return r.status == 200 && heads.Load() == before
+	})
 }

@@ -83,6 +83,11 @@ type Options struct {
 	MaxTokens int
 	// Offline sends nothing: every call fails with ErrOffline.
 	Offline bool
+	// ResponseTimeout bounds the wait for an answer's headers, and the
+	// connection (60s if 0). A request that times out is not retried: an
+	// upstream that accepts and never answers would only make it wait
+	// longer, and the circuit breaker learns sooner.
+	ResponseTimeout time.Duration
 	// BreakerFailures is how many connection failures or timeouts in a
 	// row mark the upstream down (DefaultBreakerFailures if 0; -1: never).
 	// Down, calls fail at once with ErrDown, but for one probe at a time
@@ -134,6 +139,9 @@ func New(o Options) (*Client, error) {
 	}
 	if o.IdleTimeout <= 0 {
 		o.IdleTimeout = 60 * time.Second
+	}
+	if o.ResponseTimeout <= 0 {
+		o.ResponseTimeout = 60 * time.Second
 	}
 	if o.BreakerFailures == 0 {
 		o.BreakerFailures = DefaultBreakerFailures
@@ -199,7 +207,7 @@ func newTransport(o Options) (*http.Transport, error) {
 		MaxIdleConnsPerHost:   64,
 		IdleConnTimeout:       90 * time.Second,
 		TLSHandshakeTimeout:   10 * time.Second,
-		ResponseHeaderTimeout: 60 * time.Second,
+		ResponseHeaderTimeout: o.ResponseTimeout,
 		ExpectContinueTimeout: time.Second,
 		// Blobs are content-addressed: a gzip layer must arrive as stored,
 		// never re-encoded or decoded on the way.
@@ -358,6 +366,9 @@ func (c *Client) do(ctx context.Context, r Request, u string) (*http.Response, e
 			cancel()
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
+			}
+			if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
+				return nil, fmt.Errorf("%w: %s %s: no answer: %v", ErrUnavailable, r.Method, u, err)
 			}
 			if idempotent && attempt < c.maxAttempts {
 				c.log.Debug("upstream request failed, retrying", "url", u, "attempt", attempt, "err", err)

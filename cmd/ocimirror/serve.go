@@ -172,7 +172,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 			Name: u.Name, URL: u.URL, Credentials: creds,
 			CAFile: u.TLS.CAFile, InsecureSkipVerify: u.TLS.InsecureSkipVerify,
 			Logger: logger, TracerProvider: tp, UserAgent: "ocimirror/" + version,
-			Offline: cfg.Offline || u.Offline,
+			Offline: cfg.Offline || u.Offline, ResponseTimeout: u.Timeout.Duration,
 		})
 		if err != nil {
 			return err

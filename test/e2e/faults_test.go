@@ -3,11 +3,13 @@ package e2e
 import (
 	"bytes"
 	"crypto/rand"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -206,5 +208,68 @@ func TestE2E_Faults_MirrorKilledMidFill(t *testing.T) {
 	st, b, _ := httpGet(t, u())
 	if st != 200 || digestOf(b) != d {
 		t.Fatalf("pull after the restart: %d, digest %s", st, digestOf(b))
+	}
+}
+
+// TestE2E_Faults_BlackholedUpstream: the upstream's port accepts and never
+// answers. crane's warm pulls of a stale tag are served (the last good
+// answer), the upstream is marked down after its first timeouts, and from
+// then on warm pulls send it nothing at all.
+func TestE2E_Faults_BlackholedUpstream(t *testing.T) {
+	crane := tool(t, "crane")
+	up := startDistribution(t, "registry")
+	s := seedImages(t, up.host)
+	om := startMirror(t, mirrorConfig("up.test", up.host, "    tagTTL: 1s\n    timeout: 1s\n"))
+	ref := om.host + "/e2e/app:multi-oci"
+	dir := t.TempDir()
+	run(t, nil, crane, "--insecure", "pull", "--format", "oci", ref, dir+"/warm")
+	up.stop()
+	hole, err := net.Listen("tcp", up.host)
+	if err != nil {
+		t.Fatalf("taking the upstream's port: %v", err)
+	}
+	defer hole.Close()
+	var conns atomic.Int32
+	var held sync.Mutex
+	var open []net.Conn
+	go func() {
+		for {
+			c, err := hole.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			held.Lock()
+			open = append(open, c) // never answered, never closed
+			held.Unlock()
+		}
+	}()
+	defer func() {
+		held.Lock()
+		for _, c := range open {
+			c.Close()
+		}
+		held.Unlock()
+	}()
+	time.Sleep(1100 * time.Millisecond) // past the tag TTL
+	pull := func(i int) {
+		t.Helper()
+		if got := strings.TrimSpace(run(t, nil, crane, "--insecure", "digest", ref)); got != s.digests["e2e/app:multi-oci"] {
+			t.Fatalf("pull %d: digest %s", i, got)
+		}
+		run(t, nil, crane, "--insecure", "pull", "--format", "oci", ref, fmt.Sprintf("%s/p%d", dir, i))
+	}
+	for i := 0; !strings.Contains(om.log.String(), "upstream marked down"); i++ {
+		if i == 20 {
+			t.Fatalf("not marked down after 20 pulls; the log:\n%s", tail(om.log.String(), 30))
+		}
+		pull(i)
+	}
+	before := conns.Load()
+	for i := range 5 {
+		pull(100 + i)
+	}
+	if n := conns.Load() - before; n != 0 {
+		t.Fatalf("5 warm pulls with the upstream marked down opened %d connections to it", n)
 	}
 }
