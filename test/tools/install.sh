@@ -15,11 +15,12 @@ declare -A modules=(
   [oras]=oras.land/oras/cmd/oras@v1.3.6
   [regctl]=github.com/regclient/regclient/cmd/regctl@v0.11.7
   [crane]=github.com/google/go-containerregistry/cmd/crane@v0.22.1
+  [cosign]=github.com/sigstore/cosign/v3/cmd/cosign@v3.1.3
 )
 conformance=github.com/opencontainers/distribution-spec/conformance@v0.0.0-20260831232431-97274622c111
 
 wanted=("$@")
-[ ${#wanted[@]} -gt 0 ] || wanted=(registry oras regctl crane oci-conformance)
+[ ${#wanted[@]} -gt 0 ] || wanted=(registry oras regctl crane cosign oci-conformance)
 for name in "${wanted[@]}"; do
   if [ -x "$bin/$name" ]; then continue; fi
   if [ "$name" = oci-conformance ]; then
