@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
@@ -180,6 +181,18 @@ func TestImport_RoundTrip(t *testing.T) {
 		t.Errorf("result %+v", res)
 	}
 	checkImported(t, s, cache.RepoKey{Upstream: reg.Host, Repo: "team/app"}, m, true)
+	// The referrers answers are kept too, as long stale: an offline mirror
+	// answers from them, an online one asks again.
+	for subject, want := range map[digest.Digest][]digest.Digest{m.index.Digest: {m.sbom.Digest}, m.sig.Digest: {}} {
+		a, err := s.GetUpstreamReferrers(context.Background(), cache.ReferrerKey{Upstream: reg.Host, Repo: "team/app", Subject: subject})
+		var got []digest.Digest
+		for _, d := range a.Descriptors {
+			got = append(got, d.Digest)
+		}
+		if err != nil || len(got) != len(want) || len(want) > 0 && got[0] != want[0] || a.CheckedAt.After(time.Unix(0, 0)) {
+			t.Errorf("referrers answer of %s: %+v %v", subject, a, err)
+		}
+	}
 
 	// Imported again: the same state.
 	k := cache.RepoKey{Upstream: reg.Host, Repo: "team/app"}

@@ -74,6 +74,8 @@ func (e *Exporter) Image(ctx context.Context, repo Repository, name Name) (Expor
 		return res, err
 	}
 	res.Digest = root.Digest
+	full := name.String()
+	e.W.Index(named(root, map[string]string{v1.AnnotationRefName: full, AnnotationImageName: full}))
 	prog := e.Progress
 	if prog == nil {
 		prog = graph.NoProgress{}
@@ -150,8 +152,6 @@ func (e *Exporter) Image(ctx context.Context, repo Repository, name Name) (Expor
 			res.Excluded++
 		}
 	}
-	full := name.String()
-	e.W.Index(named(root, map[string]string{v1.AnnotationRefName: full, AnnotationImageName: full}))
 	res.Written = e.W.Bytes - before
 	return res, nil
 }

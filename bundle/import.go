@@ -581,7 +581,9 @@ type planner struct {
 	repos   map[cache.RepoKey]*repoPlan
 	order   []*repoPlan
 	reached map[digest.Digest]bool
-	out     cache.Import
+	// answered are the referrers answers planned.
+	answered map[cache.ReferrerKey]bool
+	out      cache.Import
 }
 
 type repoPlan struct {
@@ -683,6 +685,7 @@ func (p *planner) image(ctx context.Context, r root) error {
 			return fmt.Errorf("%w: %s has %d bytes, its descriptor says %d", ErrInvalid, what(), info.size, d.Size)
 		}
 		visited = append(visited, cache.ImportLink{Repo: r.key, Kind: cache.LinkManifest, Digest: d.Digest})
+		p.answer(r.key, d.Digest)
 		if n.Kind == graph.Referrer {
 			refs = append(refs, cache.ImportReferrer{
 				Key:        cache.ReferrerKey{Upstream: r.key.Upstream, Repo: r.key.Repo, Subject: n.Parent},
@@ -727,6 +730,23 @@ func (p *planner) image(ctx context.Context, r root) error {
 	}
 	im.res.Images = append(im.res.Images, ImportedImage{Name: n.String(), Digest: r.desc.Digest})
 	return nil
+}
+
+// answer keeps the bundle's referrers of a manifest (none, often) as the
+// upstream's last answer, checked long ago: an offline mirror answers
+// from it without saying its list may be incomplete, and an online one
+// asks its upstream again at once.
+func (p *planner) answer(k cache.RepoKey, d digest.Digest) {
+	key := cache.ReferrerKey{Upstream: k.Upstream, Repo: k.Repo, Subject: d}
+	if p.answered[key] {
+		return
+	}
+	if p.answered == nil {
+		p.answered = map[cache.ReferrerKey]bool{}
+	}
+	p.answered[key] = true
+	ds := append([]v1.Descriptor{}, p.refs[d]...)
+	p.out.Answers = append(p.out.Answers, cache.ImportAnswer{Key: key, Answer: cache.UpstreamReferrers{Descriptors: ds, CheckedAt: time.Unix(0, 0)}})
 }
 
 // commit is the plan, in the order it may become visible.

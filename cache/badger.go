@@ -831,13 +831,20 @@ func (s *Badger) GetUpstreamReferrers(_ context.Context, k ReferrerKey) (Upstrea
 
 // PutUpstreamReferrers implements ReferrerIndex.
 func (s *Badger) PutUpstreamReferrers(_ context.Context, k ReferrerKey, a UpstreamReferrers) error {
-	ds, err := json.Marshal(a.Descriptors)
+	v, err := a.encode()
 	if err != nil {
 		return err
 	}
-	v := binary.AppendVarint([]byte{encodingV1}, a.CheckedAt.UnixNano())
-	v = append(v, ds...)
 	return s.db.Update(func(txn *badger.Txn) error { return txn.Set(upstreamReferrersKey(k), v) })
+}
+
+func (a UpstreamReferrers) encode() ([]byte, error) {
+	ds, err := json.Marshal(a.Descriptors)
+	if err != nil {
+		return nil, err
+	}
+	v := binary.AppendVarint([]byte{encodingV1}, a.CheckedAt.UnixNano())
+	return append(v, ds...), nil
 }
 
 func upstreamTagsKey(upstream, repo string) []byte {

@@ -23,8 +23,18 @@ type Import struct {
 	// names (blobs, an index's children) before the manifest.
 	Links     []ImportLink     `json:"links"`
 	Referrers []ImportReferrer `json:"referrers,omitempty"`
-	Tags      []ImportTag      `json:"tags,omitempty"`
-	Pins      []Pin            `json:"pins,omitempty"`
+	// Answers are referrers answers to keep as the upstream's last (what
+	// an offline mirror answers from, with the referrers index).
+	Answers []ImportAnswer `json:"answers,omitempty"`
+	Tags    []ImportTag    `json:"tags,omitempty"`
+	Pins    []Pin          `json:"pins,omitempty"`
+}
+
+// ImportAnswer is the referrers answer for a subject, as the bundle's
+// source gave it (its referrers, or none).
+type ImportAnswer struct {
+	Key    ReferrerKey       `json:"key"`
+	Answer UpstreamReferrers `json:"answer"`
 }
 
 // ImportLink links content to a repository, with the upstream origin:
@@ -194,6 +204,14 @@ func (s *Badger) importChunks(im *Import) []func(*badger.Txn) error {
 		v, err := json.Marshal(r.Descriptor)
 		if err != nil {
 			continue // a descriptor always marshals
+		}
+		ops = append(ops, op{entry(len(key), len(v)), func(txn *badger.Txn) error { return txn.Set(key, v) }})
+	}
+	for _, a := range im.Answers {
+		key := upstreamReferrersKey(a.Key)
+		v, err := a.Answer.encode()
+		if err != nil {
+			continue // descriptors always marshal
 		}
 		ops = append(ops, op{entry(len(key), len(v)), func(txn *badger.Txn) error { return txn.Set(key, v) }})
 	}
