@@ -581,3 +581,36 @@ func TestImport_Gzip(t *testing.T) {
 	}
 	checkImported(t, s, cache.RepoKey{Upstream: reg.Host, Repo: "team/app"}, m, true)
 }
+
+// A name written through a mirror's host prefix (as regctl image export
+// names what it pulled through one) is the upstream's, when the host is
+// not an upstream and the prefix is.
+func TestImport_NameThroughMirror(t *testing.T) {
+	reg := registrytest.New(t, registrytest.WithReferrersAPI())
+	m := pushImage(t, reg, "team/app", "v1")
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name, upstream, repo string
+	}{
+		{"mirror.internal:5000/up.test/team/app:v1", "up.test", "team/app"},
+		{"mirror.internal:5000/index.docker.io/alpine:v1", "docker.io", "library/alpine"},
+		{"up.test/team/app:v1", "up.test", "team/app"},
+	} {
+		fs := blobFiles(m.content)
+		fs["index.json"] = indexJSON(withName(m.index, bundle.AnnotationImageName, tc.name, v1.AnnotationRefName, "v1"))
+		s := openStore(t)
+		if _, err := importBytes(t, s, layout(t, fs, nil), bundle.ImportOptions{Upstreams: []string{"docker.io", "up.test"}}); err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if e, err := s.GetTag(ctx, cache.TagKey{Upstream: tc.upstream, Repo: tc.repo, Tag: "v1"}); err != nil || e.Digest != m.index.Digest {
+			t.Errorf("%s: tag of %s/%s: %+v %v", tc.name, tc.upstream, tc.repo, e, err)
+		}
+	}
+	// A host prefix that is no upstream either: refused, by name.
+	fs := blobFiles(m.content)
+	fs["index.json"] = indexJSON(withName(m.index, bundle.AnnotationImageName, "mirror.internal:5000/team/app:v1"))
+	_, err := importBytes(t, openStore(t), layout(t, fs, nil), bundle.ImportOptions{Upstreams: []string{"docker.io", "up.test"}})
+	if !errors.Is(err, bundle.ErrInvalid) || !strings.Contains(err.Error(), "registry mirror.internal:5000 is not an upstream") {
+		t.Errorf("%v", err)
+	}
+}

@@ -470,9 +470,37 @@ func (im *importer) classify(i int, desc v1.Descriptor) (root, error) {
 	if fallbackTagRE.MatchString(r.name.Tag) {
 		r.fallback, r.tag = true, r.name.Tag
 	}
+	r.name = im.throughMirror(r.name)
 	var err error
 	r.key, err = im.repoKey(r.where, r.name)
 	return r, err
+}
+
+// throughMirror reads a name a client wrote through a mirror with a host
+// prefix (mirror.internal:5000/docker.io/library/alpine:3, as regctl
+// image export names what it pulled so) as the upstream's own, when the
+// host is not one of the upstreams and the prefix is.
+func (im *importer) throughMirror(n Name) Name {
+	if im.o.Upstreams == nil || slices.Contains(im.o.Upstreams, strings.ToLower(n.Host)) {
+		return n
+	}
+	if !strings.Contains(n.Repository, "/") {
+		return n
+	}
+	ref := n.Repository
+	if n.Digest != "" {
+		ref += "@" + n.Digest.String()
+	} else {
+		ref += ":" + n.Tag
+	}
+	if r, err := graph.ParseReference(ref); err != nil || r.Host == "" {
+		return n // first is not a registry host
+	}
+	inner, err := ParseName(ref)
+	if err != nil || !slices.Contains(im.o.Upstreams, strings.ToLower(inner.Host)) {
+		return n
+	}
+	return inner
 }
 
 // entryName is an entry's full name (containerd's annotation, or a
