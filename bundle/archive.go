@@ -33,18 +33,17 @@ func readArchive(r io.Reader, f func(e entry) error) error {
 	var src io.Reader
 	gzipped := false
 	if rs, ok := r.(io.ReadSeeker); ok {
-		// A file: tar skips what is not read by seeking.
-		start, err := rs.Seek(0, io.SeekCurrent)
-		if err != nil {
-			return err
+		// A file: tar skips what is not read by seeking. (A pipe is an
+		// *os.File too, and cannot seek.)
+		if start, err := rs.Seek(0, io.SeekCurrent); err == nil {
+			magic := make([]byte, 2)
+			n, _ := io.ReadFull(rs, magic)
+			if _, err := rs.Seek(start, io.SeekStart); err != nil {
+				return err
+			}
+			gzipped = n == 2 && magic[0] == 0x1f && magic[1] == 0x8b
+			src = rs
 		}
-		magic := make([]byte, 2)
-		n, _ := io.ReadFull(rs, magic)
-		if _, err := rs.Seek(start, io.SeekStart); err != nil {
-			return err
-		}
-		gzipped = n == 2 && magic[0] == 0x1f && magic[1] == 0x8b
-		src = rs
 	}
 	if src == nil || gzipped {
 		br := bufio.NewReaderSize(r, 64<<10)

@@ -327,6 +327,9 @@ func (im *importer) plan(ctx context.Context) (*cache.Import, error) {
 		if info.size != r.desc.Size {
 			return nil, fmt.Errorf("%w: %s: manifest %s has %d bytes, the entry says %d", ErrInvalid, r.where, r.desc.Digest, info.size, r.desc.Size)
 		}
+		if r.desc.MediaType != "" && r.desc.MediaType != info.mediaType {
+			return nil, fmt.Errorf("%w: %s: manifest %s is a %s, the entry says %q", ErrInvalid, r.where, r.desc.Digest, info.mediaType, r.desc.MediaType)
+		}
 		if info.subject != "" {
 			addRef(info.subject, info.desc)
 		}
