@@ -90,6 +90,11 @@ func TestRun_ExportImport(t *testing.T) {
 	}
 	b, _ := serveProcess(t, "--data", data, up, "--offline")
 	served(t, "imported while stopped", b, repo, u)
+	// Its data directory, while it runs, is not for --data.
+	stderr.Reset()
+	if code := run(context.Background(), []string{"import", "--data", data, out}, &stdout, &stderr); code != 1 || !strings.Contains(stderr.String(), "is the mirror running? import into it with --admin") {
+		t.Errorf("import --data into a running mirror's directory: exit %d\n%s", code, stderr.String())
+	}
 
 	// A running one.
 	c, log, _ := serveLogged(t, "--data", t.TempDir(), up, "--offline")
