@@ -39,6 +39,10 @@ func served(t *testing.T, what, addr, repo string, u upstreamImage) {
 		if code, body := mirrorGet(t, addr, prefix+"referrers/"+subject.String()); code != 200 || !strings.Contains(string(body), want.String()) {
 			t.Errorf("%s: referrers of %s: %d %s", what, subject, code, body)
 		}
+		// The fallback tag, for clients that read it instead.
+		if code, body := mirrorGet(t, addr, prefix+"manifests/sha256-"+subject.Encoded()); code != 200 || !strings.Contains(string(body), want.String()) {
+			t.Errorf("%s: fallback tag of %s: %d %s", what, subject, code, body)
+		}
 	}
 }
 
