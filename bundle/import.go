@@ -40,6 +40,11 @@ type Store interface {
 	cache.Importer
 }
 
+var (
+	_ Store = (*cache.Badger)(nil)
+	_ Store = (*cache.LRU)(nil)
+)
+
 // ImportOptions tune Import.
 type ImportOptions struct {
 	// Repository names what carries no repository of its own: entries
@@ -344,6 +349,10 @@ func (im *importer) plan(ctx context.Context) (*cache.Import, error) {
 			key = &r.key
 		}
 		info, err := im.manifest(ctx, r.desc.Digest, key)
+		if errors.Is(err, graph.ErrNotFound) {
+			im.warn(fmt.Sprintf("%s: the fallback tag's index is in neither the bundle nor the store; left out", r.where))
+			continue
+		}
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", r.where, err)
 		}
@@ -612,9 +621,16 @@ type planner struct {
 	repos   map[cache.RepoKey]*repoPlan
 	order   []*repoPlan
 	reached map[digest.Digest]bool
-	// answered are the referrers answers planned.
+	// answered are the referrers answers planned; indexed, the entries
+	// of the referrers index.
 	answered map[cache.ReferrerKey]bool
+	indexed  map[referrerEntry]bool
 	out      cache.Import
+}
+
+type referrerEntry struct {
+	key      cache.ReferrerKey
+	referrer digest.Digest
 }
 
 type repoPlan struct {
@@ -742,9 +758,12 @@ func (p *planner) image(ctx context.Context, r root) error {
 		rp.link(l.Kind, l.Digest)
 	}
 	for _, ref := range refs {
-		if !slices.ContainsFunc(p.out.Referrers, func(x cache.ImportReferrer) bool {
-			return x.Key == ref.Key && x.Descriptor.Digest == ref.Descriptor.Digest
-		}) {
+		k := referrerEntry{ref.Key, ref.Descriptor.Digest}
+		if !p.indexed[k] {
+			if p.indexed == nil {
+				p.indexed = map[referrerEntry]bool{}
+			}
+			p.indexed[k] = true
 			p.out.Referrers = append(p.out.Referrers, ref)
 			im.res.Referrers++
 		}
