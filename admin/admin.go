@@ -1,15 +1,19 @@
-// Package admin is the admin listener: health, readiness and (later)
-// metrics and imports. It is served on its own address, never with the
+// Package admin is the admin listener: health, readiness, bundle imports
+// and (later) metrics. It is served on its own address, never with the
 // registry API.
 package admin
 
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"io"
 	"net/http"
 	"sort"
 	"time"
 
+	"github.com/ocimirror/ocimirror/bundle"
+	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/upstream"
 )
 
@@ -21,6 +25,10 @@ type Options struct {
 	Upstreams map[string]*upstream.Client
 	// Offline says the whole mirror is offline.
 	Offline bool
+	// Import loads a bundle read from r into the mirror (bundle.Import
+	// with its store and upstreams); repository is ImportOptions'. Nil:
+	// no import endpoint.
+	Import func(ctx context.Context, r io.Reader, repository string) (*bundle.ImportResult, error)
 }
 
 // pingTimeout bounds a readiness check of the store.
@@ -30,9 +38,33 @@ const pingTimeout = 5 * time.Second
 //   - GET /healthz: 200 while the process runs;
 //   - GET /readyz: 200 when the store is open and writable, else 503. The
 //     body gives each upstream's state; an upstream that is down or
-//     offline does not make ocimirror unready (it serves from its cache).
+//     offline does not make ocimirror unready (it serves from its cache);
+//   - POST /import[?repository=NAME]: the body is a bundle, imported as it
+//     arrives (see bundle.Import). 200 with what was imported (JSON), or
+//     400 for a bundle refused, 507 when the store is full, 500 otherwise,
+//     with {"error": "..."}; a refused bundle loads nothing.
 func Handler(o Options) http.Handler {
 	mux := http.NewServeMux()
+	if o.Import != nil {
+		mux.HandleFunc("POST /import", func(w http.ResponseWriter, r *http.Request) {
+			res, err := o.Import(r.Context(), r.Body, r.URL.Query().Get("repository"))
+			if err != nil {
+				// Read the rest, so that the client, still sending, sees
+				// the answer rather than a closed connection.
+				_, _ = io.Copy(io.Discard, r.Body)
+				status := http.StatusInternalServerError
+				switch {
+				case errors.Is(err, bundle.ErrInvalid), errors.Is(err, bundle.ErrDigest), errors.Is(err, bundle.ErrDamaged):
+					status = http.StatusBadRequest
+				case errors.Is(err, cache.ErrFull):
+					status = http.StatusInsufficientStorage
+				}
+				writeJSON(w, status, map[string]string{"error": err.Error()})
+				return
+			}
+			writeJSON(w, http.StatusOK, res)
+		})
+	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "alive"})
 	})

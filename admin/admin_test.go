@@ -4,11 +4,16 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 
 	"github.com/ocimirror/ocimirror/admin"
+	"github.com/ocimirror/ocimirror/bundle"
+	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/upstream"
 )
 
@@ -48,5 +53,59 @@ func TestHealthAndReadiness(t *testing.T) {
 	}
 	if resp, err := http.Get(srv.URL + "/v2/"); err != nil || resp.StatusCode != 404 {
 		t.Fatalf("the registry API is not on the admin listener: %v %v", resp, err)
+	}
+}
+
+// POST /import hands the body to Import and answers what it says: 200
+// with the result, 400 for a refused bundle, 507 for a full store, 500
+// otherwise, with the error in the body; without Import, no endpoint.
+func TestImport(t *testing.T) {
+	var got struct{ body, repository string }
+	var result error
+	h := admin.Handler(admin.Options{Ping: func(context.Context) error { return nil },
+		Import: func(_ context.Context, r io.Reader, repository string) (*bundle.ImportResult, error) {
+			b, _ := io.ReadAll(io.LimitReader(r, 4))
+			got.body, got.repository = string(b), repository
+			if result != nil {
+				return nil, result
+			}
+			return &bundle.ImportResult{Images: []bundle.ImportedImage{{Name: "docker.io/library/alpine:3"}}}, nil
+		}})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	tests := []struct {
+		name   string
+		err    error
+		status int
+		says   string
+	}{
+		{"imported", nil, 200, `"name": "docker.io/library/alpine:3"`},
+		{"refused", fmt.Errorf("%w: entry %q: its bytes hash to x", bundle.ErrDigest, "blobs/sha256/a"), 400, `its bytes hash to x`},
+		{"damaged", bundle.ErrDamaged, 400, "cut short"},
+		{"invalid", bundle.ErrInvalid, 400, "invalid bundle"},
+		{"full", cache.ErrFull, 507, "store full"},
+		{"other", errors.New("disk on fire"), 500, "disk on fire"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			result = tc.err
+			resp, err := http.Post(srv.URL+"/import?repository=registry.example/app", "application/x-tar", strings.NewReader(strings.Repeat("tar!", 100000)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tc.status || !strings.Contains(string(body), tc.says) || resp.Header.Get("Content-Type") != "application/json" {
+				t.Errorf("status %d, body %s", resp.StatusCode, body)
+			}
+			if got.body != "tar!" || got.repository != "registry.example/app" {
+				t.Errorf("Import got %+v", got)
+			}
+		})
+	}
+	none := httptest.NewServer(admin.Handler(admin.Options{Ping: func(context.Context) error { return nil }}))
+	defer none.Close()
+	if resp, err := http.Post(none.URL+"/import", "application/x-tar", strings.NewReader("x")); err != nil || resp.StatusCode != 404 {
+		t.Errorf("without Import: %v %v", resp.StatusCode, err)
 	}
 }

@@ -31,6 +31,8 @@ import (
 //	u<upstream>0<repo>0<subject>   the upstream referrers API's answer
 //	l<upstream>0<repo>0<kind><digest>   a repository's link to content it holds (origin)
 //	L<kind><digest>0<upstream>0<repo>   the same link, reversed: who holds a digest
+//	P<upstream>0<repo>0<name>  a pin: the digest a tag (or digest) named when pinned (pins.go)
+//	J<sequence>                an import being committed, replayed at open (import.go)
 //	D<kind><digest>            content that is data (a hosted or pushed link), never evicted
 //	g<kind><digest>            content no repository holds: since when (garbage after a grace)
 //	!schema                    the key layout's version
@@ -51,6 +53,8 @@ const (
 	kindUnheld   = 'g'
 	kindUpRefs   = 'u'
 	kindUpTags   = 'T'
+	kindPin      = 'P'
+	kindJournal  = 'J'
 
 	encodingV1 = 1
 )
@@ -122,6 +126,12 @@ type Badger struct {
 	// fullUntil (unix nanoseconds) is until when Reserve answers ErrFull
 	// without another pass: the last one found nothing to evict.
 	fullUntil atomic.Int64
+
+	// importChunkBytes, when set, replaces the bound of an import's
+	// transactions, and afterImportChunk hears of each one committed
+	// (tests).
+	importChunkBytes int
+	afterImportChunk func(chunk int)
 
 	// ctx ends when the store closes: background passes stop with it.
 	ctx    context.Context
@@ -199,6 +209,10 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 		s.log.Info("discarded unfinished blob writes", "count", n)
 	}
 	if err := s.checkBlobs(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	if err := s.replayImports(); err != nil {
 		db.Close()
 		return nil, err
 	}
@@ -817,13 +831,20 @@ func (s *Badger) GetUpstreamReferrers(_ context.Context, k ReferrerKey) (Upstrea
 
 // PutUpstreamReferrers implements ReferrerIndex.
 func (s *Badger) PutUpstreamReferrers(_ context.Context, k ReferrerKey, a UpstreamReferrers) error {
-	ds, err := json.Marshal(a.Descriptors)
+	v, err := a.encode()
 	if err != nil {
 		return err
 	}
-	v := binary.AppendVarint([]byte{encodingV1}, a.CheckedAt.UnixNano())
-	v = append(v, ds...)
 	return s.db.Update(func(txn *badger.Txn) error { return txn.Set(upstreamReferrersKey(k), v) })
+}
+
+func (a UpstreamReferrers) encode() ([]byte, error) {
+	ds, err := json.Marshal(a.Descriptors)
+	if err != nil {
+		return nil, err
+	}
+	v := binary.AppendVarint([]byte{encodingV1}, a.CheckedAt.UnixNano())
+	return append(v, ds...), nil
 }
 
 func upstreamTagsKey(upstream, repo string) []byte {
@@ -836,30 +857,44 @@ func upstreamTagsKey(upstream, repo string) []byte {
 func (s *Badger) GetUpstreamTags(_ context.Context, upstream, repo string) (UpstreamTags, error) {
 	var l UpstreamTags
 	err := s.get(upstreamTagsKey(upstream, repo), func(v []byte) error {
-		if len(v) < 1 || v[0] != encodingV1 {
-			return ErrCorrupt
-		}
-		at, n := binary.Varint(v[1:])
-		if n <= 0 {
-			return ErrCorrupt
-		}
-		l.CheckedAt = time.Unix(0, at)
-		if err := json.Unmarshal(v[1+n:], &l.Tags); err != nil {
-			return fmt.Errorf("%w: upstream tags: %v", ErrCorrupt, err)
-		}
-		return nil
+		var err error
+		l, err = decodeUpstreamTags(v)
+		return err
 	})
 	return l, err
 }
 
+func decodeUpstreamTags(v []byte) (UpstreamTags, error) {
+	var l UpstreamTags
+	if len(v) < 1 || v[0] != encodingV1 {
+		return l, ErrCorrupt
+	}
+	at, n := binary.Varint(v[1:])
+	if n <= 0 {
+		return l, ErrCorrupt
+	}
+	l.CheckedAt = time.Unix(0, at)
+	if err := json.Unmarshal(v[1+n:], &l.Tags); err != nil {
+		return l, fmt.Errorf("%w: upstream tags: %v", ErrCorrupt, err)
+	}
+	return l, nil
+}
+
+func (l UpstreamTags) encode() ([]byte, error) {
+	tags, err := json.Marshal(l.Tags)
+	if err != nil {
+		return nil, err
+	}
+	return append(binary.AppendVarint([]byte{encodingV1}, l.CheckedAt.UnixNano()), tags...), nil
+}
+
 // PutUpstreamTags implements TagLister.
 func (s *Badger) PutUpstreamTags(_ context.Context, upstream, repo string, l UpstreamTags) error {
-	tags, err := json.Marshal(l.Tags)
+	v, err := l.encode()
 	if err != nil {
 		return err
 	}
-	v := binary.AppendVarint([]byte{encodingV1}, l.CheckedAt.UnixNano())
-	return s.db.Update(func(txn *badger.Txn) error { return txn.Set(upstreamTagsKey(upstream, repo), append(v, tags...)) })
+	return s.db.Update(func(txn *badger.Txn) error { return txn.Set(upstreamTagsKey(upstream, repo), v) })
 }
 
 // --- repository links ---
@@ -894,29 +929,32 @@ func holderKey(k RepoKey, kind LinkKind, d digest.Digest) []byte {
 func (s *Badger) Link(_ context.Context, k RepoKey, kind LinkKind, d digest.Digest, origin LinkOrigin) error {
 	unlock := s.lockDigest(d)
 	defer unlock()
+	return s.db.Update(func(txn *badger.Txn) error { return linkTxn(txn, k, kind, d, origin, s.now()) })
+}
+
+// linkTxn writes a link in txn; the digest's lock is held.
+func linkTxn(txn *badger.Txn, k RepoKey, kind LinkKind, d digest.Digest, origin LinkOrigin, now time.Time) error {
 	key := linkKey(k, kind, d)
-	return s.db.Update(func(txn *badger.Txn) error {
-		if item, err := txn.Get(key); err == nil {
-			var old LinkOrigin
-			_ = item.Value(func(v []byte) error {
-				old = linkOrigin(v)
-				return nil
-			})
-			if old == origin || old == OriginUpstream {
-				return nil
-			}
-		} else if !errors.Is(err, badger.ErrKeyNotFound) {
-			return err
+	if item, err := txn.Get(key); err == nil {
+		var old LinkOrigin
+		_ = item.Value(func(v []byte) error {
+			old = linkOrigin(v)
+			return nil
+		})
+		if old == origin || old == OriginUpstream {
+			return nil
 		}
-		v := linkValue(origin, s.now())
-		if err := txn.Set(key, v); err != nil {
-			return err
-		}
-		if err := txn.Set(holderKey(k, kind, d), v); err != nil {
-			return err
-		}
-		return markHolders(txn, kind, d, s.now())
-	})
+	} else if !errors.Is(err, badger.ErrKeyNotFound) {
+		return err
+	}
+	v := linkValue(origin, now)
+	if err := txn.Set(key, v); err != nil {
+		return err
+	}
+	if err := txn.Set(holderKey(k, kind, d), v); err != nil {
+		return err
+	}
+	return markHolders(txn, kind, d, now)
 }
 
 // Unlink implements RepoLinks.

@@ -25,6 +25,7 @@ type Store interface {
 	TagLister
 	ReferrerIndex
 	RepoLinks
+	PinStore
 	Close() error
 }
 

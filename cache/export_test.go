@@ -71,3 +71,9 @@ func WriteLayout1(dir string, blobs [][]byte, chunkSize int, damageLast bool, ex
 	}
 	return wb.Flush()
 }
+
+// SetImportChunks bounds each transaction of an import to bytes (an
+// estimate) and calls after with each chunk committed.
+func (s *Badger) SetImportChunks(bytes int, after func(chunk int)) {
+	s.importChunkBytes, s.afterImportChunk = bytes, after
+}

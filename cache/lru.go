@@ -210,3 +210,27 @@ func (c *LRU) Touch(d digest.Digest) {
 		t.Touch(d)
 	}
 }
+
+var _ Importer = (*LRU)(nil)
+
+// CommitImport implements Importer when the store does. The tags and links
+// the import writes are forgotten in memory, under the write locks, so no
+// miss that read the store before the commit puts an old answer back.
+func (c *LRU) CommitImport(ctx context.Context, im *Import) error {
+	imp, ok := c.Store.(Importer)
+	if !ok {
+		return errors.New("cache: the store cannot commit imports")
+	}
+	c.tags.mu.Lock()
+	defer c.tags.mu.Unlock()
+	c.links.mu.Lock()
+	defer c.links.mu.Unlock()
+	err := imp.CommitImport(ctx, im)
+	for _, t := range im.Tags {
+		c.tags.l.Remove(t.Key)
+	}
+	for _, l := range im.Links {
+		c.links.l.Remove(linkRef{l.Repo, l.Kind, l.Digest})
+	}
+	return err
+}

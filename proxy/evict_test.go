@@ -122,3 +122,41 @@ func TestProxy_GC_DeleteFreesDisk(t *testing.T) {
 	expect(t, "kept image", e.get("/v2/ci/keep/manifests/v1"), 200, keep.manifest)
 	expect(t, "kept layer", e.get("/v2/ci/keep/blobs/"+keep.layerD.String()), 200, keep.layer)
 }
+
+// A pin kept in the store (an imported image's) keeps the image it names
+// in its repository: the manifest, config, layers and referrers.
+func TestProxy_Pinned_StorePins(t *testing.T) {
+	e, reg := start(t)
+	ctx := context.Background()
+	img := reg.PushImage(t, "team/app", "v1", 1000)
+	sbom := reg.PushArtifact(t, "team/app", img.Descriptor(), "application/vnd.test.sbom", nil)
+	reg.PushFallbackIndex(t, "team/app", img.Digest, sbom)
+	expect(t, "image", e.get("/v2/team/app/manifests/v1"), 200, img.Manifest)
+	for _, d := range []digest.Digest{img.LayerDigests[0], digest.FromBytes(img.Config)} {
+		expect(t, "blob", e.get("/v2/team/app/blobs/"+d.String()), 200, nil)
+	}
+	expect(t, "referrers", e.get("/v2/team/app/referrers/"+img.Digest.String()), 200, nil)
+	expect(t, "sbom", e.get("/v2/team/app/manifests/"+sbom.Digest.String()), 200, nil)
+	want := []digest.Digest{img.Digest, img.LayerDigests[0], digest.FromBytes(img.Config), sbom.Digest}
+
+	pinned, err := e.srv.Pinned(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range want {
+		if _, ok := pinned[d]; ok {
+			t.Fatalf("%s is pinned before any pin names it", d)
+		}
+	}
+	if err := e.store.PutPin(ctx, cache.Pin{Repo: cache.RepoKey{Upstream: reg.Host, Repo: "team/app"}, Name: "v1", Digest: img.Digest, At: e.clock.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	if pinned, err = e.srv.Pinned(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range want {
+		if _, ok := pinned[d]; !ok {
+			t.Errorf("%s is not pinned by the store's pin", d)
+		}
+	}
+}

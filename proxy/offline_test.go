@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"net/http"
 	"strings"
@@ -12,6 +13,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/internal/registrytest"
 	"github.com/ocimirror/ocimirror/proxy"
 )
@@ -120,4 +122,28 @@ func TestProxy_Tag_SlowRevalidationServesLastGood(t *testing.T) {
 		r := e.get("/v2/app/manifests/v1")
 		return r.status == 200 && heads.Load() == before
 	})
+}
+
+// Offline, a subject whose referrers answer the store keeps (an import
+// keeps one for every manifest of a bundle, none often) and that has no
+// fallback tag stored is answered without a warning that the list may be
+// incomplete; one with nothing kept still warns.
+func TestProxy_Offline_KeptAnswerNoWarning(t *testing.T) {
+	e, reg := start(t)
+	img := reg.PushImage(t, "app", "v1", 100)
+	expect(t, "warm tag", e.get("/v2/app/manifests/v1"), 200, img.Manifest)
+	e.upstreams[0].offline = true
+	e.restart()
+	key := cache.ReferrerKey{Upstream: reg.Host, Repo: "app", Subject: img.Digest}
+	r, _ := e.referrersOf("/v2/app/referrers/" + img.Digest.String())
+	if r.status != 200 || len(r.header.Values("Warning")) == 0 {
+		t.Fatalf("nothing kept: %d, warnings %q (want some)", r.status, r.header.Values("Warning"))
+	}
+	if err := e.store.PutUpstreamReferrers(context.Background(), key, cache.UpstreamReferrers{Descriptors: []v1.Descriptor{}, CheckedAt: time.Unix(0, 0)}); err != nil {
+		t.Fatal(err)
+	}
+	r, refs := e.referrersOf("/v2/app/referrers/" + img.Digest.String())
+	if r.status != 200 || len(refs) != 0 || len(r.header.Values("Warning")) != 0 {
+		t.Fatalf("an answer kept: %d %v, warnings %q", r.status, refs, r.header.Values("Warning"))
+	}
 }

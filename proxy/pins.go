@@ -53,7 +53,8 @@ func (s *Server) parsePin(ref string) (pin, error) {
 }
 
 // Pinned returns every digest the pins hold in the store: each pinned
-// image, the platforms of an index, their config and layers, and all
+// image (configured, synced, or imported from a bundle: the store's own
+// pins), the platforms of an index, their config and layers, and all
 // their referrers, recursively. What is not stored yet (never pulled) is
 // followed no further. A pin's walk that grows past its bound keeps what
 // it found and is logged. The store calls it at the start of each
@@ -77,6 +78,15 @@ func (s *Server) Pinned(ctx context.Context) (map[digest.Digest]struct{}, error)
 			if err := s.keepImage(ctx, keep, p.key, root, p.ref); err != nil {
 				return nil, err
 			}
+		}
+	}
+	stored, err := s.store.ListPins(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, p := range stored {
+		if err := s.keepImage(ctx, keep, p.Repo, p.Digest, "imported "+p.Repo.Upstream+"/"+p.Repo.Repo+":"+p.Name); err != nil {
+			return nil, err
 		}
 	}
 	synced, err := s.syncedRoots(ctx)

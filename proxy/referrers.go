@@ -286,6 +286,14 @@ func (u *upstreamState) fallbackEntries(ctx context.Context, q *request, key cac
 			s.fallbackAbsent.Add(tk, s.now())
 			return nil, ""
 		}
+		if errors.Is(err, upstream.ErrOffline) {
+			// An offline upstream is what the store keeps of it: with a
+			// referrers answer kept for the subject (fetched, or imported
+			// from a bundle), a fallback tag never stored adds nothing.
+			if _, err := s.store.GetUpstreamReferrers(ctx, key); err == nil {
+				return nil, ""
+			}
+		}
 		s.log.Warn("reading the upstream's referrers fallback tag", "upstream", u.name, "repo", q.repo, "tag", tk.Tag, "err", err)
 		return nil, "the upstream's referrers fallback tag could not be read; the list may be incomplete"
 	}

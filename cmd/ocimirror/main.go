@@ -24,6 +24,8 @@ Usage:
   ocimirror serve [flags]    run the mirror (built-in defaults need no flags)
   ocimirror gc [flags]       collect unreferenced data of a stopped mirror
   ocimirror prefetch REF...  warm a running mirror: images, platforms, blobs, referrers
+  ocimirror export REF...    write images, with their referrers, to a bundle (an OCI layout tar)
+  ocimirror import BUNDLE    load a bundle into a mirror, running or stopped
   ocimirror version          print the version
   ocimirror help [command]   show help
 
@@ -51,6 +53,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return runGC(ctx, rest, stdout, stderr)
 	case "prefetch":
 		return runPrefetch(ctx, rest, stdout, stderr)
+	case "export":
+		return runExport(ctx, rest, stdout, stderr)
+	case "import":
+		return runImport(ctx, rest, stdout, stderr)
 	case "help", "-h", "-help", "--help":
 		if len(rest) > 0 && rest[0] != "help" {
 			return run(ctx, []string{rest[0], "--help"}, stdout, stderr)

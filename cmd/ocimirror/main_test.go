@@ -86,11 +86,18 @@ var listenRE = regexp.MustCompile(`ocimirror listening"?,? ?"?addr"?[=:]"?([^"\s
 // serveProcess runs "ocimirror serve" in-process until the test stops it.
 func serveProcess(t *testing.T, args ...string) (addr string, stop func() (int, string)) {
 	t.Helper()
+	addr, _, stop = serveLogged(t, args...)
+	return addr, stop
+}
+
+// serveLogged is serveProcess, with the server's log.
+func serveLogged(t *testing.T, args ...string) (addr string, log *syncBuffer, stop func() (int, string)) {
+	t.Helper()
+	log = &syncBuffer{}
 	ctx, cancel := context.WithCancel(context.Background())
-	var log syncBuffer
 	done := make(chan int, 1)
 	go func() {
-		done <- run(ctx, append([]string{"serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"}, args...), io.Discard, &log)
+		done <- run(ctx, append([]string{"serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"}, args...), io.Discard, log)
 	}()
 	for i := 0; i < 500 && addr == ""; i++ {
 		if m := listenRE.FindStringSubmatch(log.String()); m != nil {
@@ -122,7 +129,7 @@ func serveProcess(t *testing.T, args ...string) (addr string, stop func() (int, 
 		return -1, ""
 	}
 	t.Cleanup(func() { stop() })
-	return addr, stop
+	return addr, log, stop
 }
 
 func TestServe_PullRestartAndShutdown(t *testing.T) {

@@ -11,6 +11,8 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sort"
+	"strings"
 	"time"
 
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
@@ -21,6 +23,7 @@ import (
 	"go.opentelemetry.io/otel/trace/noop"
 
 	"github.com/ocimirror/ocimirror/admin"
+	"github.com/ocimirror/ocimirror/bundle"
 	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/config"
 	"github.com/ocimirror/ocimirror/proxy"
@@ -219,8 +222,22 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 			ln.Close()
 			return fmt.Errorf("admin.listen: %w", err)
 		}
+		upstreams := make([]string, 0, len(clients))
+		for n := range clients {
+			upstreams = append(upstreams, strings.ToLower(n))
+		}
+		sort.Strings(upstreams)
+		importBundle := func(ctx context.Context, r io.Reader, repository string) (*bundle.ImportResult, error) {
+			res, err := bundle.Import(ctx, r, store, bundle.ImportOptions{Repository: repository, Upstreams: upstreams})
+			if err != nil {
+				logger.Warn("bundle import refused", "err", err)
+			} else {
+				logger.Info("bundle imported", "images", len(res.Images), "manifests", res.Manifests, "blobs", res.Blobs, "bytes", res.Bytes)
+			}
+			return res, err
+		}
 		as = &http.Server{
-			Handler:           admin.Handler(admin.Options{Ping: badger.Ping, Upstreams: clients, Offline: cfg.Offline}),
+			Handler:           admin.Handler(admin.Options{Ping: badger.Ping, Upstreams: clients, Offline: cfg.Offline, Import: importBundle}),
 			ReadHeaderTimeout: 10 * time.Second,
 			ErrorLog:          log.New(slogWriter{logger}, "", 0),
 		}
