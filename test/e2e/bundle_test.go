@@ -59,6 +59,11 @@ func TestE2E_Bundles(t *testing.T) {
 	}
 	sbom := attach(up.host+"/e2e/app:multi-oci", "application/vnd.e2e.sbom", "sbom.json", `{"sbom":"of the index"}`)
 	sig := attach(up.host+"/e2e/app@"+sbom, "application/vnd.e2e.sig", "sig.txt", "signature of the SBOM")
+	// A cosign signature (a Sigstore bundle referrer) of the amd64 image.
+	cdir := t.TempDir()
+	key, pub, sc := cosignKeys(t, cdir)
+	amd := s.digests["e2e/app:amd64-oci"]
+	cosignSign(t, cdir, key, sc, up.host+"/e2e/app@"+amd)
 
 	// An image with a layer of its own, for the incremental bundle.
 	extra := layerFile(t, dir, "extra", 300_000)
@@ -75,6 +80,9 @@ func TestE2E_Bundles(t *testing.T) {
 	}
 	same(t, "oras discover through A", online["index"], referrer{sbom, "application/vnd.e2e.sbom"})
 	same(t, "oras discover of the SBOM through A", online["sbom"], referrer{sig, "application/vnd.e2e.sig"})
+	if out, err := cosignVerify(t, cdir, pub, a.host+"/up.test/e2e/app@"+amd); err != nil {
+		t.Fatalf("cosign verify through A: %v\n%s", err, out)
+	}
 
 	bundle := filepath.Join(dir, "app.tar")
 	out := run(t, nil, ocimirrorBin, "export", "--mirror", a.host, "--output", bundle, ref)
@@ -127,6 +135,9 @@ func TestE2E_Bundles(t *testing.T) {
 
 	for _, m := range []*mirror{b, c} {
 		pullWhole(t, crane, m.host+"/"+ref, digest)
+		if out, err := cosignVerify(t, cdir, pub, m.host+"/up.test/e2e/app@"+amd); err != nil {
+			t.Errorf("cosign verify through offline %s: %v\n%s", m.host, err, out)
+		}
 		same(t, "oras discover through "+m.host, orasDiscover(t, oras, m.host+"/"+ref), online["index"]...)
 		same(t, "oras discover of the SBOM through "+m.host, orasDiscover(t, oras, m.host+"/up.test/e2e/app@"+sbom), online["sbom"]...)
 		run(t, env, regctl, "registry", "set", m.host, "--tls", "disabled")
