@@ -91,7 +91,7 @@ type Badger struct {
 	blobDisk  atomic.Int64
 	// commitLocks serialize the writes of one digest's bytes and links
 	// (by its first byte).
-	commitLocks [64]sync.Mutex
+	commitLocks [digestLocks]sync.Mutex
 
 	accessMu sync.Mutex
 	accessed map[digest.Digest]int64
@@ -420,36 +420,10 @@ func (s *Badger) closedReader(d digest.Digest) {
 
 // DeleteBlob implements BlobStore: the index entry goes, then the file.
 // Readers that have the file open read on.
-func (s *Badger) DeleteBlob(ctx context.Context, d digest.Digest) error {
+func (s *Badger) DeleteBlob(_ context.Context, d digest.Digest) error {
 	unlock := s.lockDigest(d)
 	defer unlock()
-	return s.deleteBlobLocked(ctx, d)
-}
-
-// deleteBlobLocked is DeleteBlob with the digest's lock held.
-func (s *Badger) deleteBlobLocked(ctx context.Context, d digest.Digest) error {
-	info, err := s.StatBlob(ctx, d)
-	if errors.Is(err, ErrNotFound) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	err = s.db.Update(func(txn *badger.Txn) error {
-		if err := txn.Delete(blobKey(d)); err != nil {
-			return err
-		}
-		return txn.Delete(accessKey(d))
-	})
-	if err != nil {
-		return err
-	}
-	s.accessMu.Lock()
-	delete(s.accessed, d)
-	s.accessMu.Unlock()
-	s.blobBytes.Add(-info.Size)
-	s.blobDisk.Add(-onDisk(info.Size))
-	return s.files.remove(d)
+	return s.deleteLocked(LinkBlob, d)
 }
 
 // blockSize is the filesystem block a file's size is rounded up to on disk.
@@ -959,17 +933,45 @@ func linkTime(v []byte) time.Time {
 	return time.Unix(int64(binary.BigEndian.Uint64(v[1:9])), 0)
 }
 
-// lockDigest serializes the writes of one digest's links and bytes (by
-// the digest's first byte).
+// digestLocks is how many locks the digests' writes are spread over.
+const digestLocks = 64
+
+// lockDigest serializes the writes of one digest's links and bytes.
 func (s *Badger) lockDigest(d digest.Digest) func() {
-	enc := d.Encoded()
-	var b byte
-	if enc != "" {
-		b = enc[0]
-	}
-	mu := &s.commitLocks[b%byte(len(s.commitLocks))]
+	mu := &s.commitLocks[lockIndex(d)]
 	mu.Lock()
 	return mu.Unlock
+}
+
+// lockIndex is the lock of a digest's writes: by its first byte.
+func lockIndex(d digest.Digest) int {
+	var b byte
+	if enc := d.Encoded(); enc != "" {
+		b = enc[0]
+	}
+	return int(b) % digestLocks
+}
+
+// lockDigests takes the locks of several digests' writes, in the locks'
+// order: two such calls cannot deadlock, and every other caller holds
+// one lock at a time.
+func (s *Badger) lockDigests(cs []candidate) func() {
+	var held [digestLocks]bool
+	for _, c := range cs {
+		held[lockIndex(c.d)] = true
+	}
+	for i, h := range held {
+		if h {
+			s.commitLocks[i].Lock()
+		}
+	}
+	return func() {
+		for i, h := range held {
+			if h {
+				s.commitLocks[i].Unlock()
+			}
+		}
+	}
 }
 
 // Linked implements RepoLinks.
