@@ -435,24 +435,51 @@ func onDisk(size int64) int64 { return (size + blockSize - 1) / blockSize * bloc
 func (s *Badger) BlobBytes() int64 { return s.blobBytes.Load() }
 
 // checkBlobs holds the blob index and the files to each other at start: an
-// entry whose file is missing is dropped, a file without an entry (a crash
-// between the rename and the index write, or a stray) is removed, and the
-// byte count is taken from what remains.
+// entry whose file is missing (or of another size) is dropped, a file
+// without an entry (a crash between the rename and the index write, or a
+// stray) is removed, and the byte count is taken from what remains.
+//
+// The files are walked in lexical order, which is the index's digest
+// order (blobs/<algorithm>/<first two hex>/<hex>, and a name that is not
+// its directory's digest is a stray), so one walk of each, side by side,
+// does it: no lookup per file or per entry.
 func (s *Badger) checkBlobs() error {
 	var missing [][]byte
-	var total, disk int64
-	err := s.scan([]byte{kindBlob}, true, func(key, v []byte) error {
-		d := digest.Digest(key[1:])
-		size, err := decodeBlobSize(v)
-		if err == nil && d.Validate() == nil {
-			if info, err := os.Stat(s.files.path(d)); err == nil && info.Size() == size {
-				total += size
-				disk += onDisk(size)
-				return nil
+	var total, disk, strays, strayBytes int64
+	err := s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{kindBlob}, PrefetchValues: false})
+		defer it.Close()
+		it.Rewind()
+		err := s.files.walk(func(path string, d digest.Digest, size int64) error {
+			// Entries before the file's digest have no file.
+			for ; it.Valid() && string(it.Item().Key()[1:]) < string(d); it.Next() {
+				missing = append(missing, it.Item().KeyCopy(nil))
 			}
+			if d != "" && it.Valid() && string(it.Item().Key()[1:]) == string(d) {
+				item := it.Item()
+				var indexed int64
+				err := item.Value(func(v []byte) error {
+					var err error
+					indexed, err = decodeBlobSize(v)
+					return err
+				})
+				if err == nil && indexed == size {
+					total += size
+					disk += onDisk(size)
+					it.Next()
+					return nil
+				}
+				missing = append(missing, item.KeyCopy(nil))
+				it.Next()
+			}
+			strays++
+			strayBytes += size
+			return os.Remove(path)
+		})
+		for ; err == nil && it.Valid(); it.Next() {
+			missing = append(missing, it.Item().KeyCopy(nil))
 		}
-		missing = append(missing, bytes.Clone(key))
-		return nil
+		return err
 	})
 	if err != nil {
 		return fmt.Errorf("cache: check blobs: %w", err)
@@ -469,20 +496,6 @@ func (s *Badger) checkBlobs() error {
 			return fmt.Errorf("cache: check blobs: %w", err)
 		}
 		s.log.Warn("blob index entries without their file dropped", "count", len(missing))
-	}
-	var strays, strayBytes int64
-	err = s.files.walk(func(path string, d digest.Digest, size int64) error {
-		if d != "" {
-			if _, err := s.StatBlob(context.Background(), d); err == nil {
-				return nil
-			}
-		}
-		strays++
-		strayBytes += size
-		return os.Remove(path)
-	})
-	if err != nil {
-		return fmt.Errorf("cache: check blob files: %w", err)
 	}
 	if strays > 0 {
 		s.log.Warn("blob files without an index entry removed", "count", strays, "bytes", strayBytes)

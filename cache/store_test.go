@@ -790,6 +790,94 @@ func TestBadger_ChecksFilesAtStart(t *testing.T) {
 	}
 }
 
+// The start-up check walks the files and the index side by side: it must
+// keep every blob whose file is there, whatever lies between them in
+// digest order.
+func TestBadger_ChecksFilesAtStart_Interleaved(t *testing.T) {
+	dir := t.TempDir()
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := func(d digest.Digest) string {
+		return filepath.Join(dir, "blobs", d.Algorithm().String(), d.Encoded()[:2], d.Encoded())
+	}
+	var kept, gone []digest.Digest
+	var keptBytes int64
+	for i := range 60 {
+		data := randomBytes(100 + i)
+		d := writeBlob(t, b, data)
+		switch {
+		case i%5 == 0:
+			gone = append(gone, d) // its file goes
+		case i%7 == 0:
+			gone = append(gone, d) // its file is cut short
+		default:
+			kept = append(kept, d)
+			keptBytes += int64(len(data))
+		}
+	}
+	sha512 := digest.SHA512.FromBytes([]byte("another algorithm"))
+	b.Close()
+	for i, d := range gone {
+		if i%2 == 0 {
+			if err := os.Remove(path(d)); err != nil {
+				t.Fatal(err)
+			}
+		} else if err := os.Truncate(path(d), 10); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Strays between the blobs: files of digests nothing indexes, a name
+	// that is no digest, a blob's file in another's directory, a file of
+	// another algorithm.
+	var strays []string
+	for i := range 20 {
+		strays = append(strays, path(digest.FromString(fmt.Sprint("stray", i))))
+	}
+	strays = append(strays,
+		filepath.Join(filepath.Dir(path(kept[0])), "not-a-digest"),
+		filepath.Join(dir, "blobs", "sha256", "zz", kept[1].Encoded()),
+		path(sha512),
+		filepath.Join(dir, "blobs", "junk"))
+	for _, p := range strays {
+		_ = os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.WriteFile(p, []byte("stray"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err = cache.OpenBadger(cache.BadgerOptions{Path: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	ctx := context.Background()
+	for _, d := range kept {
+		if _, err := b.StatBlob(ctx, d); err != nil {
+			t.Fatalf("blob %s lost: %v", d, err)
+		}
+		if _, err := os.Stat(path(d)); err != nil {
+			t.Fatalf("file of blob %s lost: %v", d, err)
+		}
+	}
+	for _, d := range gone {
+		if _, err := b.StatBlob(ctx, d); !errors.Is(err, cache.ErrNotFound) {
+			t.Fatalf("blob %s without its whole file: %v", d, err)
+		}
+		if _, err := os.Stat(path(d)); err == nil {
+			t.Fatalf("the short file of %s is still there", d)
+		}
+	}
+	for _, p := range strays {
+		if _, err := os.Stat(p); err == nil {
+			t.Fatalf("stray %s is still there", p)
+		}
+	}
+	if n := b.BlobBytes(); n != keptBytes {
+		t.Fatalf("blob bytes %d, want %d", n, keptBytes)
+	}
+}
+
 // Deleting a blob gives its disk space back at once.
 func TestBadger_DeleteFreesDisk(t *testing.T) {
 	dir := t.TempDir()
