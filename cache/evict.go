@@ -40,9 +40,15 @@ type Evicted struct {
 	Bytes            int64
 }
 
-// evictBatch is how many candidates one scan of the store collects: the
-// oldest, by last access. Memory stays bounded whatever the store holds.
-const evictBatch = 4096
+// One scan of the store collects the oldest candidates, by last access:
+// as many as the pass may still need (each frees at least a block), from
+// evictBatch to evictBatchMax. A scan reads the whole index, so a pass
+// that wants much makes few of them; memory stays bounded whatever the
+// store holds (evictBatchMax candidates take about 8 MB).
+const (
+	evictBatch    = 4096
+	evictBatchMax = 65536
+)
 
 type candidate struct {
 	kind LinkKind
@@ -64,7 +70,8 @@ func (s *Badger) Evict(ctx context.Context, want int64, keep func(LinkKind, dige
 	s.flushAccess()
 	p := newPacer()
 	for ev.Bytes < want {
-		batch, err := s.oldest(ctx, keep, p)
+		limit := int(min(max((want-ev.Bytes)/blockSize+1, evictBatch), evictBatchMax))
+		batch, err := s.oldest(ctx, keep, p, limit)
 		if err != nil {
 			return ev, err
 		}
@@ -101,18 +108,15 @@ func (s *Badger) Evict(ctx context.Context, want int64, keep func(LinkKind, dige
 	return ev, nil
 }
 
-// oldest collects up to evictBatch candidates, the least recently used
-// first: blobs and manifests without a data marker, not kept, not being
-// read (so that old pinned content never fills the batch). One scan walks
-// the index, the data markers and the access times together: all three
-// are ordered by digest.
-func (s *Badger) oldest(ctx context.Context, keep func(LinkKind, digest.Digest) bool, p *pacer) ([]candidate, error) {
+// oldest collects up to limit candidates, the least recently used first:
+// blobs and manifests without a data marker, not kept, not being read (so
+// that old pinned content never fills the batch). One scan walks the blob
+// and manifest indexes, their data markers and the access times
+// together: all are ordered by digest.
+func (s *Badger) oldest(ctx context.Context, keep func(LinkKind, digest.Digest) bool, p *pacer, limit int) ([]candidate, error) {
 	var heap []candidate // the newest of the kept ones on top
 	push := func(c candidate) {
-		if len(heap) == evictBatch && c.at >= heap[0].at {
-			return
-		}
-		if len(heap) == evictBatch {
+		if len(heap) == limit {
 			heap[0] = c
 			siftDown(heap, 0)
 			return
@@ -121,48 +125,69 @@ func (s *Badger) oldest(ctx context.Context, keep func(LinkKind, digest.Digest) 
 		siftUp(heap, len(heap)-1)
 	}
 	err := s.db.View(func(txn *badger.Txn) error {
+		type index struct {
+			kind LinkKind
+			it   *badger.Iterator
+			data *cursor
+		}
+		var indexes []*index
 		for _, kind := range []LinkKind{LinkBlob, LinkManifest} {
 			prefix := []byte{kindBlob}
 			if kind == LinkManifest {
 				prefix = []byte{kindManifest}
 			}
-			data := newCursor(txn, []byte{kindData, byte(kind)}, false)
-			access := newCursor(txn, []byte{kindAccess}, false)
-			it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: false})
-			n := 0
-			for it.Rewind(); it.Valid(); it.Next() {
-				if n++; n%64 == 0 && p.pace(ctx) != nil {
-					break
-				}
-				item := it.Item()
-				d := item.Key()[len(prefix):]
-				if data.find(d) {
-					continue
-				}
-				var at int64
-				if access.find(d) && len(access.value) == 8 {
-					at = int64(binary.BigEndian.Uint64(access.value))
-				}
-				if len(heap) == evictBatch && at >= heap[0].at {
-					continue // newer than the whole batch: no need to look further
-				}
-				c := candidate{kind: kind, d: digest.Digest(d), at: at}
-				if keep != nil && keep(kind, c.d) || kind == LinkBlob && s.reading(c.d) {
-					continue
-				}
-				if kind == LinkBlob {
-					_ = item.Value(func(v []byte) error {
-						c.size, _ = decodeBlobSize(v)
-						return nil
-					})
-				} else {
-					c.size = item.ValueSize()
-				}
-				push(c)
+			x := &index{kind: kind, data: newCursor(txn, []byte{kindData, byte(kind)}, false),
+				it: txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: false})}
+			defer x.it.Close()
+			defer x.data.close()
+			x.it.Rewind()
+			indexes = append(indexes, x)
+		}
+		access := newCursor(txn, []byte{kindAccess}, false)
+		defer access.close()
+		consider := func(kind LinkKind, data *cursor, item *badger.Item) {
+			d := item.Key()[1:]
+			if data.find(d) {
+				return
 			}
-			it.Close()
-			data.close()
-			access.close()
+			var at int64
+			if access.find(d) && len(access.value) == 8 {
+				at = int64(binary.BigEndian.Uint64(access.value))
+			}
+			if len(heap) == limit && at >= heap[0].at {
+				return // newer than the whole batch: no need to look further
+			}
+			c := candidate{kind: kind, d: digest.Digest(d), at: at}
+			if keep != nil && keep(kind, c.d) || kind == LinkBlob && s.reading(c.d) {
+				return
+			}
+			if kind == LinkBlob {
+				_ = item.Value(func(v []byte) error {
+					c.size, _ = decodeBlobSize(v)
+					return nil
+				})
+			} else {
+				c.size = item.ValueSize()
+			}
+			push(c)
+		}
+		for n := 1; ; n++ {
+			if n%64 == 0 && p.pace(ctx) != nil {
+				break
+			}
+			// The index whose next digest comes first (keys are one
+			// kind byte, then the digest).
+			var x *index
+			for _, y := range indexes {
+				if y.it.Valid() && (x == nil || bytes.Compare(y.it.Item().Key()[1:], x.it.Item().Key()[1:]) < 0) {
+					x = y
+				}
+			}
+			if x == nil {
+				break
+			}
+			consider(x.kind, x.data, x.it.Item())
+			x.it.Next()
 		}
 		return ctx.Err()
 	})
