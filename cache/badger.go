@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -95,7 +96,10 @@ type Badger struct {
 
 	accessMu sync.Mutex
 	accessed map[digest.Digest]int64
-	now      func() time.Time
+	// accessFull asks for a flush before the interval: accessed is at
+	// maxPendingAccess.
+	accessFull chan struct{}
+	now        func() time.Time
 
 	// readers counts the open readers of each blob: eviction spares them.
 	readersMu sync.Mutex
@@ -157,16 +161,17 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 		return nil, fmt.Errorf("cache: open %s: %w", opts.Path, err)
 	}
 	s := &Badger{
-		db:       db,
-		dbDir:    dbDir,
-		files:    files,
-		log:      opts.Logger,
-		accessed: map[digest.Digest]int64{},
-		now:      opts.Clock,
-		readers:  map[digest.Digest]int{},
-		kick:     make(chan struct{}, 1),
-		budget:   opts.Budget.MaxSize > 0 || opts.Budget.MinFree > 0,
-		stop:     make(chan struct{}),
+		db:         db,
+		dbDir:      dbDir,
+		files:      files,
+		log:        opts.Logger,
+		accessed:   map[digest.Digest]int64{},
+		accessFull: make(chan struct{}, 1),
+		now:        opts.Clock,
+		readers:    map[digest.Digest]int{},
+		kick:       make(chan struct{}, 1),
+		budget:     opts.Budget.MaxSize > 0 || opts.Budget.MinFree > 0,
+		stop:       make(chan struct{}),
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	if err := s.migrate(); err != nil {
@@ -187,8 +192,8 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 	s.log.Info("store opened", "path", opts.Path, "blob_bytes", s.blobBytes.Load(), "db_bytes", lsm+vlog,
 		"max_size", opts.Budget.MaxSize, "min_free", opts.Budget.MinFree)
 	s.wg.Add(2)
-	go s.every(opts.GCInterval, s.gcValueLog)
-	go s.every(opts.AccessFlushInterval, s.flushAccess)
+	go s.every(opts.GCInterval, nil, s.gcValueLog)
+	go s.every(opts.AccessFlushInterval, s.accessFull, s.flushAccess)
 	if s.budget {
 		s.wg.Add(1)
 		go s.keepBudget(opts.Budget)
@@ -196,7 +201,7 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 	}
 	if opts.CollectInterval > 0 {
 		s.wg.Add(1)
-		go s.every(opts.CollectInterval, func() { s.collectOnce(opts.GCGrace) })
+		go s.every(opts.CollectInterval, nil, func() { s.collectOnce(opts.GCGrace) })
 	}
 	return s, nil
 }
@@ -233,7 +238,8 @@ func (s *Badger) Close() error {
 	return s.db.Close()
 }
 
-func (s *Badger) every(d time.Duration, f func()) {
+// every runs f every d, and whenever kick (if not nil) says so.
+func (s *Badger) every(d time.Duration, kick <-chan struct{}, f func()) {
 	defer s.wg.Done()
 	t := time.NewTicker(d)
 	defer t.Stop()
@@ -242,8 +248,9 @@ func (s *Badger) every(d time.Duration, f func()) {
 		case <-s.stop:
 			return
 		case <-t.C:
-			f()
+		case <-kick:
 		}
+		f()
 	}
 }
 
@@ -505,13 +512,29 @@ func (s *Badger) checkBlobs() error {
 	return nil
 }
 
+// maxPendingAccess bounds the access times kept in memory between two
+// flushes (about 8 MB): at this many, a flush runs at once.
+const maxPendingAccess = 1 << 16
+
 // Touch implements Toucher. Times are kept in memory and written in batches,
-// so serving a blob costs no write.
+// so serving a blob costs no write. A digest seen for the first time since
+// the last flush is copied: the caller's is often a slice of a request's
+// line, which the map would otherwise keep whole.
 func (s *Badger) Touch(d digest.Digest) {
 	now := s.now().Unix()
 	s.accessMu.Lock()
+	if _, ok := s.accessed[d]; !ok {
+		d = digest.Digest(strings.Clone(string(d)))
+	}
 	s.accessed[d] = now
+	full := len(s.accessed) >= maxPendingAccess
 	s.accessMu.Unlock()
+	if full {
+		select {
+		case s.accessFull <- struct{}{}:
+		default:
+		}
+	}
 }
 
 func (s *Badger) flushAccess() {

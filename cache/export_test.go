@@ -23,6 +23,16 @@ func (s *Badger) DeleteRaw(key []byte) error {
 	return s.db.Update(func(txn *badger.Txn) error { return txn.Delete(key) })
 }
 
+// MaxPendingAccess is maxPendingAccess.
+const MaxPendingAccess = maxPendingAccess
+
+// PendingAccess is how many access times wait in memory for a flush.
+func (s *Badger) PendingAccess() int {
+	s.accessMu.Lock()
+	defer s.accessMu.Unlock()
+	return len(s.accessed)
+}
+
 // KeyCount counts the keys under a prefix.
 func (s *Badger) KeyCount(prefix []byte) int {
 	n := 0

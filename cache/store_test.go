@@ -546,6 +546,31 @@ func TestBadger_LastAccess(t *testing.T) {
 // TestBadger_KilledMidFill kills a process with SIGKILL while it writes a
 // blob, then opens its store: the blob is not visible and its chunks are
 // swept.
+// Access times wait in memory for the next flush, but not without bound:
+// touching many digests between two flushes writes them at once.
+func TestBadger_PendingAccessBounded(t *testing.T) {
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: t.TempDir(), AccessFlushInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	var first digest.Digest
+	for i := range cache.MaxPendingAccess {
+		d := digest.FromString(strconv.Itoa(i))
+		if i == 0 {
+			first = d
+		}
+		b.Touch(d)
+	}
+	// The flush writes them (the first one too) long before the hour.
+	for i := 0; b.PendingAccess() >= cache.MaxPendingAccess || b.LastAccess(first).IsZero(); i++ {
+		if i == 1000 {
+			t.Fatalf("%d access times still pending, the first one's: %v", b.PendingAccess(), b.LastAccess(first))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 func TestBadger_KilledMidFill(t *testing.T) {
 	if dir := os.Getenv("OCIMIRROR_KILL_CHILD_DIR"); dir != "" {
 		killChild(dir)
