@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
@@ -666,6 +667,45 @@ func TestLRU_ServesFromMemory(t *testing.T) {
 	}
 	if got, err := l.GetTag(ctx, k); err != nil || got.Digest != m.Digest {
 		t.Fatalf("tag from memory: %v", err)
+	}
+}
+
+// What the LRU keeps shares no memory with the request it was read for:
+// a digest sliced from a request line would keep the whole line, which
+// the LRU's cost estimate does not count.
+func TestLRU_KeepsNoRequestMemory(t *testing.T) {
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := cache.NewLRU(b, cache.LRUOptions{ManifestBytes: 1 << 20, MetadataBytes: 1 << 20})
+	ctx := context.Background()
+	body := []byte("{}")
+	d := digest.FromBytes(body)
+	if err := b.PutManifest(ctx, cache.Manifest{Digest: d, MediaType: "x", Data: body}); err != nil {
+		t.Fatal(err)
+	}
+	blob := writeBlob(t, b, []byte("blob"))
+	// The request's line, and what a router slices from it.
+	line := "GET /v2/r/manifests/" + d.String() + " " + blob.String() + " HTTP/1.1"
+	reqManifest := digest.Digest(line[len("GET /v2/r/manifests/"):][:len(d)])
+	reqBlob := digest.Digest(line[len(line)-len(" HTTP/1.1")-len(blob) : len(line)-len(" HTTP/1.1")])
+	inLine := func(s string) bool {
+		start := uintptr(unsafe.Pointer(unsafe.StringData(line)))
+		p := uintptr(unsafe.Pointer(unsafe.StringData(s)))
+		return p >= start && p < start+uintptr(len(line))
+	}
+	// A miss fills the LRU; the hit that follows answers what it kept.
+	_, _ = l.GetManifest(ctx, reqManifest)
+	_, _ = l.StatBlob(ctx, reqBlob)
+	b.Close()
+	m, err := l.GetManifest(ctx, reqManifest)
+	if err != nil || inLine(string(m.Digest)) {
+		t.Fatalf("manifest: %v, kept digest in the request line: %v", err, inLine(string(m.Digest)))
+	}
+	info, err := l.StatBlob(ctx, reqBlob)
+	if err != nil || inLine(string(info.Digest)) {
+		t.Fatalf("blob: %v, kept digest in the request line: %v", err, inLine(string(info.Digest)))
 	}
 }
 
