@@ -116,6 +116,7 @@ func BenchmarkScale(b *testing.B) {
 	// set is all of it).
 	for _, m := range []string{"manifest-hot", "blob-hot", "manifest-db", "blob-db"} {
 		b.ReportMetric(big[m+"-hits/s"], m+"-hits/s")
+		b.ReportMetric(small[m+"-hits/s"], "small-"+m+"-hits/s")
 	}
 	for _, m := range []string{"manifest", "blob", "manifest-hot", "blob-hot", "manifest-db", "blob-db"} {
 		b.ReportMetric(big[m+"-hits/s"]/small[m+"-hits/s"], m+"-hits-ratio")
