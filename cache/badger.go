@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -99,11 +100,14 @@ type Badger struct {
 	blobDisk  atomic.Int64
 	// commitLocks serialize the writes of one digest's bytes and links
 	// (by its first byte).
-	commitLocks [64]sync.Mutex
+	commitLocks [digestLocks]sync.Mutex
 
 	accessMu sync.Mutex
 	accessed map[digest.Digest]int64
-	now      func() time.Time
+	// accessFull asks for a flush before the interval: accessed is at
+	// maxPendingAccess.
+	accessFull chan struct{}
+	now        func() time.Time
 
 	// readers counts the open readers of each blob: eviction spares them.
 	readersMu sync.Mutex
@@ -184,18 +188,19 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 		return nil, fmt.Errorf("cache: open %s: %w", opts.Path, err)
 	}
 	s := &Badger{
-		db:       db,
-		dbDir:    dbDir,
-		files:    files,
-		log:      opts.Logger,
-		accessed: map[digest.Digest]int64{},
-		now:      opts.Clock,
-		readers:  map[digest.Digest]int{},
-		kick:     make(chan struct{}, 1),
-		budget:   opts.Budget.MaxSize > 0 || opts.Budget.MinFree > 0,
-		limits:   opts.Budget,
-		waitPins: opts.WaitForPins,
-		stop:     make(chan struct{}),
+		db:         db,
+		dbDir:      dbDir,
+		files:      files,
+		log:        opts.Logger,
+		accessed:   map[digest.Digest]int64{},
+		accessFull: make(chan struct{}, 1),
+		now:        opts.Clock,
+		readers:    map[digest.Digest]int{},
+		kick:       make(chan struct{}, 1),
+		budget:     opts.Budget.MaxSize > 0 || opts.Budget.MinFree > 0,
+		limits:     opts.Budget,
+		waitPins:   opts.WaitForPins,
+		stop:       make(chan struct{}),
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	if err := s.migrate(); err != nil {
@@ -220,8 +225,8 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 	s.log.Info("store opened", "path", opts.Path, "blob_bytes", s.blobBytes.Load(), "db_bytes", lsm+vlog,
 		"max_size", opts.Budget.MaxSize, "min_free", opts.Budget.MinFree)
 	s.wg.Add(2)
-	go s.every(opts.GCInterval, s.gcValueLog)
-	go s.every(opts.AccessFlushInterval, s.flushAccess)
+	go s.every(opts.GCInterval, nil, s.gcValueLog)
+	go s.every(opts.AccessFlushInterval, s.accessFull, s.flushAccess)
 	if s.budget {
 		s.wg.Add(1)
 		go s.keepBudget(opts.Budget)
@@ -229,7 +234,7 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 	}
 	if opts.CollectInterval > 0 {
 		s.wg.Add(1)
-		go s.every(opts.CollectInterval, func() { s.collectOnce(opts.GCGrace) })
+		go s.every(opts.CollectInterval, nil, func() { s.collectOnce(opts.GCGrace) })
 	}
 	return s, nil
 }
@@ -266,7 +271,8 @@ func (s *Badger) Close() error {
 	return s.db.Close()
 }
 
-func (s *Badger) every(d time.Duration, f func()) {
+// every runs f every d, and whenever kick (if not nil) says so.
+func (s *Badger) every(d time.Duration, kick <-chan struct{}, f func()) {
 	defer s.wg.Done()
 	t := time.NewTicker(d)
 	defer t.Stop()
@@ -275,8 +281,9 @@ func (s *Badger) every(d time.Duration, f func()) {
 		case <-s.stop:
 			return
 		case <-t.C:
-			f()
+		case <-kick:
 		}
+		f()
 	}
 }
 
@@ -453,36 +460,10 @@ func (s *Badger) closedReader(d digest.Digest) {
 
 // DeleteBlob implements BlobStore: the index entry goes, then the file.
 // Readers that have the file open read on.
-func (s *Badger) DeleteBlob(ctx context.Context, d digest.Digest) error {
+func (s *Badger) DeleteBlob(_ context.Context, d digest.Digest) error {
 	unlock := s.lockDigest(d)
 	defer unlock()
-	return s.deleteBlobLocked(ctx, d)
-}
-
-// deleteBlobLocked is DeleteBlob with the digest's lock held.
-func (s *Badger) deleteBlobLocked(ctx context.Context, d digest.Digest) error {
-	info, err := s.StatBlob(ctx, d)
-	if errors.Is(err, ErrNotFound) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	err = s.db.Update(func(txn *badger.Txn) error {
-		if err := txn.Delete(blobKey(d)); err != nil {
-			return err
-		}
-		return txn.Delete(accessKey(d))
-	})
-	if err != nil {
-		return err
-	}
-	s.accessMu.Lock()
-	delete(s.accessed, d)
-	s.accessMu.Unlock()
-	s.blobBytes.Add(-info.Size)
-	s.blobDisk.Add(-onDisk(info.Size))
-	return s.files.remove(d)
+	return s.deleteLocked(LinkBlob, d)
 }
 
 // blockSize is the filesystem block a file's size is rounded up to on disk.
@@ -494,24 +475,51 @@ func onDisk(size int64) int64 { return (size + blockSize - 1) / blockSize * bloc
 func (s *Badger) BlobBytes() int64 { return s.blobBytes.Load() }
 
 // checkBlobs holds the blob index and the files to each other at start: an
-// entry whose file is missing is dropped, a file without an entry (a crash
-// between the rename and the index write, or a stray) is removed, and the
-// byte count is taken from what remains.
+// entry whose file is missing (or of another size) is dropped, a file
+// without an entry (a crash between the rename and the index write, or a
+// stray) is removed, and the byte count is taken from what remains.
+//
+// The files are walked in lexical order, which is the index's digest
+// order (blobs/<algorithm>/<first two hex>/<hex>, and a name that is not
+// its directory's digest is a stray), so one walk of each, side by side,
+// does it: no lookup per file or per entry.
 func (s *Badger) checkBlobs() error {
 	var missing [][]byte
-	var total, disk int64
-	err := s.scan([]byte{kindBlob}, true, func(key, v []byte) error {
-		d := digest.Digest(key[1:])
-		size, err := decodeBlobSize(v)
-		if err == nil && d.Validate() == nil {
-			if info, err := os.Stat(s.files.path(d)); err == nil && info.Size() == size {
-				total += size
-				disk += onDisk(size)
-				return nil
+	var total, disk, strays, strayBytes int64
+	err := s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{kindBlob}, PrefetchValues: false})
+		defer it.Close()
+		it.Rewind()
+		err := s.files.walk(func(path string, d digest.Digest, size int64) error {
+			// Entries before the file's digest have no file.
+			for ; it.Valid() && string(it.Item().Key()[1:]) < string(d); it.Next() {
+				missing = append(missing, it.Item().KeyCopy(nil))
 			}
+			if d != "" && it.Valid() && string(it.Item().Key()[1:]) == string(d) {
+				item := it.Item()
+				var indexed int64
+				err := item.Value(func(v []byte) error {
+					var err error
+					indexed, err = decodeBlobSize(v)
+					return err
+				})
+				if err == nil && indexed == size {
+					total += size
+					disk += onDisk(size)
+					it.Next()
+					return nil
+				}
+				missing = append(missing, item.KeyCopy(nil))
+				it.Next()
+			}
+			strays++
+			strayBytes += size
+			return os.Remove(path)
+		})
+		for ; err == nil && it.Valid(); it.Next() {
+			missing = append(missing, it.Item().KeyCopy(nil))
 		}
-		missing = append(missing, bytes.Clone(key))
-		return nil
+		return err
 	})
 	if err != nil {
 		return fmt.Errorf("cache: check blobs: %w", err)
@@ -529,20 +537,6 @@ func (s *Badger) checkBlobs() error {
 		}
 		s.log.Warn("blob index entries without their file dropped", "count", len(missing))
 	}
-	var strays, strayBytes int64
-	err = s.files.walk(func(path string, d digest.Digest, size int64) error {
-		if d != "" {
-			if _, err := s.StatBlob(context.Background(), d); err == nil {
-				return nil
-			}
-		}
-		strays++
-		strayBytes += size
-		return os.Remove(path)
-	})
-	if err != nil {
-		return fmt.Errorf("cache: check blob files: %w", err)
-	}
 	if strays > 0 {
 		s.log.Warn("blob files without an index entry removed", "count", strays, "bytes", strayBytes)
 	}
@@ -551,13 +545,29 @@ func (s *Badger) checkBlobs() error {
 	return nil
 }
 
+// maxPendingAccess bounds the access times kept in memory between two
+// flushes (about 8 MB): at this many, a flush runs at once.
+const maxPendingAccess = 1 << 16
+
 // Touch implements Toucher. Times are kept in memory and written in batches,
-// so serving a blob costs no write.
+// so serving a blob costs no write. A digest seen for the first time since
+// the last flush is copied: the caller's is often a slice of a request's
+// line, which the map would otherwise keep whole.
 func (s *Badger) Touch(d digest.Digest) {
 	now := s.now().Unix()
 	s.accessMu.Lock()
+	if _, ok := s.accessed[d]; !ok {
+		d = digest.Digest(strings.Clone(string(d)))
+	}
 	s.accessed[d] = now
+	full := len(s.accessed) >= maxPendingAccess
 	s.accessMu.Unlock()
+	if full {
+		select {
+		case s.accessFull <- struct{}{}:
+		default:
+		}
+	}
 }
 
 func (s *Badger) flushAccess() {
@@ -1052,17 +1062,45 @@ func linkTime(v []byte) time.Time {
 	return time.Unix(int64(binary.BigEndian.Uint64(v[1:9])), 0)
 }
 
-// lockDigest serializes the writes of one digest's links and bytes (by
-// the digest's first byte).
+// digestLocks is how many locks the digests' writes are spread over.
+const digestLocks = 64
+
+// lockDigest serializes the writes of one digest's links and bytes.
 func (s *Badger) lockDigest(d digest.Digest) func() {
-	enc := d.Encoded()
-	var b byte
-	if enc != "" {
-		b = enc[0]
-	}
-	mu := &s.commitLocks[b%byte(len(s.commitLocks))]
+	mu := &s.commitLocks[lockIndex(d)]
 	mu.Lock()
 	return mu.Unlock
+}
+
+// lockIndex is the lock of a digest's writes: by its first byte.
+func lockIndex(d digest.Digest) int {
+	var b byte
+	if enc := d.Encoded(); enc != "" {
+		b = enc[0]
+	}
+	return int(b) % digestLocks
+}
+
+// lockDigests takes the locks of several digests' writes, in the locks'
+// order: two such calls cannot deadlock, and every other caller holds
+// one lock at a time.
+func (s *Badger) lockDigests(cs []candidate) func() {
+	var held [digestLocks]bool
+	for _, c := range cs {
+		held[lockIndex(c.d)] = true
+	}
+	for i, h := range held {
+		if h {
+			s.commitLocks[i].Lock()
+		}
+	}
+	return func() {
+		for i, h := range held {
+			if h {
+				s.commitLocks[i].Unlock()
+			}
+		}
+	}
 }
 
 // Linked implements RepoLinks.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/dgraph-io/badger/v4"
 	"github.com/opencontainers/go-digest"
+	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/ocimirror/ocimirror/manifest"
 )
@@ -39,9 +41,15 @@ type Evicted struct {
 	Bytes            int64
 }
 
-// evictBatch is how many candidates one scan of the store collects: the
-// oldest, by last access. Memory stays bounded whatever the store holds.
-const evictBatch = 4096
+// One scan of the store collects the oldest candidates, by last access:
+// as many as the pass may still need (each frees at least a block), from
+// evictBatch to evictBatchMax. A scan reads the whole index, so a pass
+// that wants much makes few of them; memory stays bounded whatever the
+// store holds (evictBatchMax candidates take about 8 MB).
+const (
+	evictBatch    = 4096
+	evictBatchMax = 65536
+)
 
 type candidate struct {
 	kind LinkKind
@@ -61,32 +69,37 @@ type candidate struct {
 func (s *Badger) Evict(ctx context.Context, want int64, keep func(LinkKind, digest.Digest) bool) (Evicted, error) {
 	var ev Evicted
 	s.flushAccess()
+	p := newPacer()
 	for ev.Bytes < want {
-		batch, err := s.oldest(ctx, keep)
+		limit := int(min(max((want-ev.Bytes)/blockSize+1, evictBatch), evictBatchMax))
+		batch, err := s.oldest(ctx, keep, p, limit)
 		if err != nil {
 			return ev, err
 		}
 		evicted := false
-		for _, c := range batch {
-			if ev.Bytes >= want || ctx.Err() != nil {
-				break
+		for len(batch) > 0 && ev.Bytes < want && ctx.Err() == nil {
+			// As many candidates as may still be needed, up to a chunk.
+			n, sum := 0, ev.Bytes
+			for n < len(batch) && n < evictChunkSize && sum < want {
+				sum += onDisk(batch[n].size)
+				n++
 			}
-			if c.kind == LinkBlob && s.reading(c.d) {
-				continue // opened since the scan
+			gone, err := s.evictChunk(batch[:n])
+			batch = batch[n:]
+			for _, c := range gone {
+				evicted = true
+				ev.Bytes += onDisk(c.size)
+				if c.kind == LinkBlob {
+					ev.Blobs++
+				} else {
+					ev.Manifests++
+				}
 			}
-			ok, err := s.evictOne(ctx, c)
 			if err != nil {
 				return ev, err
 			}
-			if !ok {
-				continue
-			}
-			evicted = true
-			ev.Bytes += onDisk(c.size)
-			if c.kind == LinkBlob {
-				ev.Blobs++
-			} else {
-				ev.Manifests++
+			if err := p.pace(ctx); err != nil {
+				return ev, err
 			}
 		}
 		if !evicted || ctx.Err() != nil {
@@ -96,18 +109,15 @@ func (s *Badger) Evict(ctx context.Context, want int64, keep func(LinkKind, dige
 	return ev, nil
 }
 
-// oldest collects up to evictBatch candidates, the least recently used
-// first: blobs and manifests without a data marker, not kept, not being
-// read (so that old pinned content never fills the batch). One scan walks
-// the index, the data markers and the access times together: all three
-// are ordered by digest.
-func (s *Badger) oldest(ctx context.Context, keep func(LinkKind, digest.Digest) bool) ([]candidate, error) {
+// oldest collects up to limit candidates, the least recently used first:
+// blobs and manifests without a data marker, not kept, not being read (so
+// that old pinned content never fills the batch). One scan walks the blob
+// and manifest indexes, their data markers and the access times
+// together: all are ordered by digest.
+func (s *Badger) oldest(ctx context.Context, keep func(LinkKind, digest.Digest) bool, p *pacer, limit int) ([]candidate, error) {
 	var heap []candidate // the newest of the kept ones on top
 	push := func(c candidate) {
-		if len(heap) == evictBatch && c.at >= heap[0].at {
-			return
-		}
-		if len(heap) == evictBatch {
+		if len(heap) == limit {
 			heap[0] = c
 			siftDown(heap, 0)
 			return
@@ -116,43 +126,69 @@ func (s *Badger) oldest(ctx context.Context, keep func(LinkKind, digest.Digest) 
 		siftUp(heap, len(heap)-1)
 	}
 	err := s.db.View(func(txn *badger.Txn) error {
+		type index struct {
+			kind LinkKind
+			it   *badger.Iterator
+			data *cursor
+		}
+		var indexes []*index
 		for _, kind := range []LinkKind{LinkBlob, LinkManifest} {
 			prefix := []byte{kindBlob}
 			if kind == LinkManifest {
 				prefix = []byte{kindManifest}
 			}
-			data := newCursor(txn, []byte{kindData, byte(kind)}, false)
-			access := newCursor(txn, []byte{kindAccess}, true)
-			it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: false})
-			for it.Rewind(); it.Valid(); it.Next() {
-				if ctx.Err() != nil {
-					break
-				}
-				item := it.Item()
-				d := item.Key()[len(prefix):]
-				if data.find(d) {
-					continue
-				}
-				c := candidate{kind: kind, d: digest.Digest(d)}
-				if keep != nil && keep(kind, c.d) || kind == LinkBlob && s.reading(c.d) {
-					continue
-				}
-				if access.find(d) && len(access.value) == 8 {
-					c.at = int64(binary.BigEndian.Uint64(access.value))
-				}
-				if kind == LinkBlob {
-					_ = item.Value(func(v []byte) error {
-						c.size, _ = decodeBlobSize(v)
-						return nil
-					})
-				} else {
-					c.size = item.ValueSize()
-				}
-				push(c)
+			x := &index{kind: kind, data: newCursor(txn, []byte{kindData, byte(kind)}, false),
+				it: txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: false})}
+			defer x.it.Close()
+			defer x.data.close()
+			x.it.Rewind()
+			indexes = append(indexes, x)
+		}
+		access := newCursor(txn, []byte{kindAccess}, false)
+		defer access.close()
+		consider := func(kind LinkKind, data *cursor, item *badger.Item) {
+			d := item.Key()[1:]
+			if data.find(d) {
+				return
 			}
-			it.Close()
-			data.close()
-			access.close()
+			var at int64
+			if access.find(d) && len(access.value) == 8 {
+				at = int64(binary.BigEndian.Uint64(access.value))
+			}
+			if len(heap) == limit && at >= heap[0].at {
+				return // newer than the whole batch: no need to look further
+			}
+			c := candidate{kind: kind, d: digest.Digest(d), at: at}
+			if keep != nil && keep(kind, c.d) || kind == LinkBlob && s.reading(c.d) {
+				return
+			}
+			if kind == LinkBlob {
+				_ = item.Value(func(v []byte) error {
+					c.size, _ = decodeBlobSize(v)
+					return nil
+				})
+			} else {
+				c.size = item.ValueSize()
+			}
+			push(c)
+		}
+		for n := 1; ; n++ {
+			if n%64 == 0 && p.pace(ctx) != nil {
+				break
+			}
+			// The index whose next digest comes first (keys are one
+			// kind byte, then the digest).
+			var x *index
+			for _, y := range indexes {
+				if y.it.Valid() && (x == nil || bytes.Compare(y.it.Item().Key()[1:], x.it.Item().Key()[1:]) < 0) {
+					x = y
+				}
+			}
+			if x == nil {
+				break
+			}
+			consider(x.kind, x.data, x.it.Item())
+			x.it.Next()
 		}
 		return ctx.Err()
 	})
@@ -224,74 +260,192 @@ func (c *cursor) find(suffix []byte) bool {
 
 func (c *cursor) close() { c.it.Close() }
 
-// evictOne removes one candidate unless it became data meanwhile. The LRU
-// above is told after the digest's lock is released: its own lock is
-// taken before the digest's on commits.
-func (s *Badger) evictOne(ctx context.Context, c candidate) (bool, error) {
-	ok, err := s.evictLocked(ctx, c)
-	if ok {
-		if hook := s.onEvict.Load(); hook != nil {
+// evictChunkSize is how many candidates one transaction removes. Their
+// digests' locks are held together meanwhile: a commit waits for at most
+// one chunk.
+const evictChunkSize = 16
+
+// evictChunk removes the candidates that are still cached content, in one
+// transaction under their digests' locks, and returns them with their
+// sizes. The LRU above is told after the locks are released: its own
+// lock is taken before a digest's on commits.
+func (s *Badger) evictChunk(chunk []candidate) ([]candidate, error) {
+	unlock := s.lockDigests(chunk)
+	gone, err := s.evictLocked(chunk)
+	if errors.Is(err, badger.ErrTxnTooBig) && len(chunk) > 1 {
+		// Manifests held by many repositories (their referrer entries
+		// go too): one at a time.
+		gone, err = nil, nil
+		for i := range chunk {
+			var g []candidate
+			if g, err = s.evictLocked(chunk[i : i+1]); err != nil {
+				break
+			}
+			gone = append(gone, g...)
+		}
+	}
+	unlock()
+	if hook := s.onEvict.Load(); hook != nil {
+		for _, c := range gone {
 			(*hook)(c.kind, c.d)
 		}
 	}
-	return ok, err
+	return gone, err
 }
 
-func (s *Badger) evictLocked(ctx context.Context, c candidate) (bool, error) {
-	unlock := s.lockDigest(c.d)
-	defer unlock()
-	if err := s.get(dataKey(c.kind, c.d), func([]byte) error { return nil }); err == nil {
-		return false, nil
-	} else if !errors.Is(err, ErrNotFound) {
-		return false, err
-	}
-	if c.kind == LinkBlob {
-		return true, s.deleteBlobLocked(ctx, c.d)
-	}
-	return true, s.deleteManifestLocked(ctx, c.d)
-}
-
-// deleteManifestLocked deletes a manifest, its access time and its entries
-// in the referrers index of every repository that holds it; the digest's
-// lock is held.
-func (s *Badger) deleteManifestLocked(ctx context.Context, d digest.Digest) error {
-	m, err := s.GetManifest(ctx, d)
-	if errors.Is(err, ErrNotFound) {
+// evictLocked is evictChunk with the locks held. A blob a client opened
+// since the scan stays, and so does content that became data.
+func (s *Badger) evictLocked(chunk []candidate) ([]candidate, error) {
+	var gone []candidate
+	err := s.db.Update(func(txn *badger.Txn) error {
+		gone = gone[:0]
+		for _, c := range chunk {
+			if c.kind == LinkBlob && s.reading(c.d) {
+				continue
+			}
+			if _, err := txn.Get(dataKey(c.kind, c.d)); err == nil {
+				continue
+			} else if !errors.Is(err, badger.ErrKeyNotFound) {
+				return err
+			}
+			size, found, err := deleteContent(txn, c.kind, c.d)
+			if err != nil {
+				return err
+			}
+			if found {
+				c.size = size
+				gone = append(gone, c)
+			}
+		}
 		return nil
-	}
+	})
 	if err != nil {
+		return nil, err
+	}
+	return gone, s.deleted(gone)
+}
+
+// deleteLocked deletes a blob (index entry, then file) or a manifest; the
+// digest's lock is held. Readers that have a blob's file open read on.
+func (s *Badger) deleteLocked(kind LinkKind, d digest.Digest) error {
+	var size int64
+	var found bool
+	err := s.db.Update(func(txn *badger.Txn) error {
+		var err error
+		size, found, err = deleteContent(txn, kind, d)
+		return err
+	})
+	if err != nil || !found {
 		return err
 	}
-	var subject digest.Digest
-	if p, err := manifest.Parse(m.MediaType, m.Data); err == nil && p.Subject != nil && manifest.Referrer(m.MediaType) {
-		subject = p.Subject.Digest
+	return s.deleted([]candidate{{kind: kind, d: d, size: size}})
+}
+
+// deleteContent deletes, in txn, a blob's index entry or a manifest, with
+// its access time and (a manifest's) entries in the referrers index of
+// every repository that holds it. found is false when it was not there;
+// size is the blob's, or the manifest's stored value's.
+func deleteContent(txn *badger.Txn, kind LinkKind, d digest.Digest) (size int64, found bool, err error) {
+	if kind == LinkBlob {
+		item, err := txn.Get(blobKey(d))
+		if errors.Is(err, badger.ErrKeyNotFound) {
+			return 0, false, nil
+		} else if err != nil {
+			return 0, false, err
+		}
+		if err := item.Value(func(v []byte) error {
+			size, err = decodeBlobSize(v)
+			return err
+		}); err != nil {
+			return 0, false, err
+		}
+		if err := txn.Delete(blobKey(d)); err != nil {
+			return 0, false, err
+		}
+		return size, true, txn.Delete(accessKey(d))
 	}
-	var refs [][]byte
+	item, err := txn.Get(manifestKey(d))
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return 0, false, nil
+	} else if err != nil {
+		return 0, false, err
+	}
+	var subject digest.Digest
+	err = item.Value(func(v []byte) error {
+		if len(v) < 1 || v[0] != encodingV1 {
+			return nil // a corrupt entry goes all the same
+		}
+		if mt, data, ok := readString(v[1:]); ok {
+			subject = subjectOf(mt, data)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, false, err
+	}
+	size = item.ValueSize()
 	if subject != "" {
 		prefix := holderPrefix(LinkManifest, d)
-		err := s.scan(prefix, false, func(key, _ []byte) error {
-			up, repo, ok := bytes.Cut(key[len(prefix):], []byte{0})
-			if ok {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix, PrefetchValues: false})
+		var refs [][]byte
+		for it.Rewind(); it.Valid(); it.Next() {
+			key := it.Item().Key()
+			if up, repo, ok := bytes.Cut(key[len(prefix):], []byte{0}); ok {
 				k := ReferrerKey{Upstream: string(up), Repo: string(repo), Subject: subject}
 				refs = append(refs, append(referrerPrefix(k), d...))
 			}
-			return nil
-		})
-		if err != nil {
-			return err
 		}
-	}
-	return s.db.Update(func(txn *badger.Txn) error {
+		it.Close()
 		for _, k := range refs {
 			if err := txn.Delete(k); err != nil {
-				return err
+				return 0, false, err
 			}
 		}
-		if err := txn.Delete(accessKey(d)); err != nil {
-			return err
+	}
+	if err := txn.Delete(accessKey(d)); err != nil {
+		return 0, false, err
+	}
+	return size, true, txn.Delete(manifestKey(d))
+}
+
+// subjectOf is the subject of a stored manifest, "" when it has none
+// (or its media type cannot be a referrer's). The manifest passed
+// manifest.Parse when it was stored: reading the one field is enough,
+// and costs a fraction of the whole check.
+func subjectOf(mt string, data []byte) digest.Digest {
+	if !manifest.Referrer(mt) {
+		return ""
+	}
+	var m struct {
+		Subject *v1.Descriptor `json:"subject"`
+	}
+	if json.Unmarshal(data, &m) != nil || m.Subject == nil || m.Subject.Digest.Validate() != nil {
+		return ""
+	}
+	return m.Subject.Digest
+}
+
+// deleted follows up a committed deletion: pending access times are
+// dropped, and blob files removed (the digests' locks are still held, so
+// that no commit of the same digest places its file meanwhile).
+func (s *Badger) deleted(gone []candidate) error {
+	s.accessMu.Lock()
+	for _, c := range gone {
+		delete(s.accessed, c.d)
+	}
+	s.accessMu.Unlock()
+	var first error
+	for _, c := range gone {
+		if c.kind != LinkBlob {
+			continue
 		}
-		return txn.Delete(manifestKey(d))
-	})
+		s.blobBytes.Add(-c.size)
+		s.blobDisk.Add(-onDisk(c.size))
+		if err := s.files.remove(c.d); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
 }
 
 // OnEvict registers a function called with what each pass evicts (the
@@ -353,8 +507,9 @@ const fullRecheck = 5 * time.Second
 
 // Reserve implements BlobStore. Without a maximum size it holds nothing.
 // Room is the maximum less usage and what other writers hold; when that
-// is short, one pass evicts down to the low watermark (or what the write
-// needs beyond it), and ErrFull is answered if it could not.
+// is short, one pass evicts what the write needs (the budget's own pass
+// then frees down to the low watermark), and ErrFull is answered if it
+// could not.
 func (s *Badger) Reserve(ctx context.Context, size int64) (func(), error) {
 	b := s.limits
 	if b.MaxSize <= 0 {
@@ -383,9 +538,13 @@ func (s *Badger) Reserve(ctx context.Context, size int64) (func(), error) {
 			if fits() {
 				return 0
 			}
-			want = s.Usage() + s.reserved.Load() + need - int64(b.Low*float64(b.MaxSize))
+			// Only the room this write needs: the fill waits for this pass
+			// (paced, so that serving goes on), and the background pass
+			// kicked below frees down to the low watermark.
+			want = s.Usage() + s.reserved.Load() + need - b.MaxSize
 			return want
 		})
+		s.kickBudget()
 		if err != nil && ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
@@ -511,5 +670,37 @@ func checkBudget(b *Budget) error {
 	if b.MaxSize < 0 || b.MinFree < 0 || b.Low <= 0 || b.High > 1 || b.Low >= b.High {
 		return fmt.Errorf("cache: bad budget: max %d, high %.2f, low %.2f, min free %d", b.MaxSize, b.High, b.Low, b.MinFree)
 	}
+	return nil
+}
+
+// pacer keeps a background pass from delaying requests. Go's scheduler
+// polls the network when a processor runs out of work (or every 10 ms):
+// a goroutine that stays busy for 2 ms delays requests on a small machine
+// by about as much. After every slice of work the pass sleeps at least as
+// long as the slice took, so that it takes at most half a CPU in short
+// bursts and leaves the scheduler idle time to poll.
+type pacer struct {
+	start time.Time
+}
+
+// paceSlice is the work between two sleeps.
+const paceSlice = 200 * time.Microsecond
+
+func newPacer() *pacer { return &pacer{start: time.Now()} }
+
+// pace sleeps once a slice of work is done.
+func (p *pacer) pace(ctx context.Context) error {
+	worked := time.Since(p.start)
+	if worked < paceSlice {
+		return nil
+	}
+	t := time.NewTimer(worked)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+	}
+	p.start = time.Now()
 	return nil
 }

@@ -238,7 +238,7 @@ func (s *Badger) collectUnheld(ctx context.Context, kind LinkKind, d digest.Dige
 	if kind == LinkBlob && s.reading(d) {
 		return false, nil
 	}
-	ok, err := s.collectLocked(ctx, kind, d, cutoff)
+	ok, err := s.collectLocked(kind, d, cutoff)
 	if ok {
 		if hook := s.onEvict.Load(); hook != nil {
 			(*hook)(kind, d)
@@ -247,7 +247,7 @@ func (s *Badger) collectUnheld(ctx context.Context, kind LinkKind, d digest.Dige
 	return ok, err
 }
 
-func (s *Badger) collectLocked(ctx context.Context, kind LinkKind, d digest.Digest, cutoff time.Time) (bool, error) {
+func (s *Badger) collectLocked(kind LinkKind, d digest.Digest, cutoff time.Time) (bool, error) {
 	unlock := s.lockDigest(d)
 	defer unlock()
 	var since time.Time
@@ -263,12 +263,7 @@ func (s *Badger) collectLocked(ctx context.Context, kind LinkKind, d digest.Dige
 	if err != nil {
 		return false, err
 	}
-	if kind == LinkBlob {
-		err = s.deleteBlobLocked(ctx, d)
-	} else {
-		err = s.deleteManifestLocked(ctx, d)
-	}
-	if err != nil {
+	if err := s.deleteLocked(kind, d); err != nil {
 		return false, err
 	}
 	return true, s.db.Update(func(txn *badger.Txn) error { return txn.Delete(unheldKey(kind, d)) })

@@ -1,8 +1,10 @@
 package cache
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"strings"
 	"sync"
 
 	"github.com/opencontainers/go-digest"
@@ -46,6 +48,10 @@ type LRU struct {
 type guarded[K comparable, V any] struct {
 	mu sync.RWMutex
 	l  *lru.Sized[K, V]
+	// own returns k and v with strings of their own: the caller's are
+	// often slices of a request's line, which the LRU would otherwise
+	// keep whole (and its cost estimate would not count).
+	own func(K, V) (K, V)
 }
 
 func (g *guarded[K, V]) get(k K, load func() (V, error)) (V, error) {
@@ -56,7 +62,7 @@ func (g *guarded[K, V]) get(k K, load func() (V, error)) (V, error) {
 	defer g.mu.RUnlock()
 	v, err := load()
 	if err == nil {
-		g.l.Add(k, v)
+		g.l.Add(g.own(k, v))
 	}
 	return v, err
 }
@@ -68,7 +74,7 @@ func (g *guarded[K, V]) write(k K, v *V, store func() error) error {
 	g.l.Remove(k)
 	err := store()
 	if err == nil && v != nil {
-		g.l.Add(k, *v)
+		g.l.Add(g.own(k, *v))
 	}
 	return err
 }
@@ -100,6 +106,28 @@ func NewLRU(s Store, o LRUOptions) *LRU {
 	c.links.l = lru.New(o.MetadataBytes/4, o.MetadataEntries, func(l linkRef, _ LinkOrigin) int64 {
 		return int64(len(l.repo.Upstream)+len(l.repo.Repo)+len(l.digest)) + entryOverhead
 	})
+	c.manifests.own = func(d digest.Digest, m Manifest) (digest.Digest, Manifest) {
+		d = digest.Digest(strings.Clone(string(d)))
+		m.Digest = d
+		if cap(m.Data)-len(m.Data) > len(m.Data)/4 { // a read buffer, with room to spare
+			m.Data = bytes.Clone(m.Data)
+		}
+		return d, m
+	}
+	c.tags.own = func(k TagKey, e TagEntry) (TagKey, TagEntry) {
+		k.Upstream, k.Repo, k.Tag = strings.Clone(k.Upstream), strings.Clone(k.Repo), strings.Clone(k.Tag)
+		return k, e
+	}
+	c.blobs.own = func(d digest.Digest, info BlobInfo) (digest.Digest, BlobInfo) {
+		d = digest.Digest(strings.Clone(string(d)))
+		info.Digest = d
+		return d, info
+	}
+	c.links.own = func(l linkRef, o LinkOrigin) (linkRef, LinkOrigin) {
+		l.repo.Upstream, l.repo.Repo = strings.Clone(l.repo.Upstream), strings.Clone(l.repo.Repo)
+		l.digest = digest.Digest(strings.Clone(string(l.digest)))
+		return l, o
+	}
 	if e, ok := s.(interface {
 		OnEvict(func(LinkKind, digest.Digest))
 	}); ok {

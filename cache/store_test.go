@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
@@ -546,6 +547,31 @@ func TestBadger_LastAccess(t *testing.T) {
 // TestBadger_KilledMidFill kills a process with SIGKILL while it writes a
 // blob, then opens its store: the blob is not visible and its chunks are
 // swept.
+// Access times wait in memory for the next flush, but not without bound:
+// touching many digests between two flushes writes them at once.
+func TestBadger_PendingAccessBounded(t *testing.T) {
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: t.TempDir(), AccessFlushInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	var first digest.Digest
+	for i := range cache.MaxPendingAccess {
+		d := digest.FromString(strconv.Itoa(i))
+		if i == 0 {
+			first = d
+		}
+		b.Touch(d)
+	}
+	// The flush writes them (the first one too) long before the hour.
+	for i := 0; b.PendingAccess() >= cache.MaxPendingAccess || b.LastAccess(first).IsZero(); i++ {
+		if i == 1000 {
+			t.Fatalf("%d access times still pending, the first one's: %v", b.PendingAccess(), b.LastAccess(first))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 func TestBadger_KilledMidFill(t *testing.T) {
 	if dir := os.Getenv("OCIMIRROR_KILL_CHILD_DIR"); dir != "" {
 		killChild(dir)
@@ -641,6 +667,45 @@ func TestLRU_ServesFromMemory(t *testing.T) {
 	}
 	if got, err := l.GetTag(ctx, k); err != nil || got.Digest != m.Digest {
 		t.Fatalf("tag from memory: %v", err)
+	}
+}
+
+// What the LRU keeps shares no memory with the request it was read for:
+// a digest sliced from a request line would keep the whole line, which
+// the LRU's cost estimate does not count.
+func TestLRU_KeepsNoRequestMemory(t *testing.T) {
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := cache.NewLRU(b, cache.LRUOptions{ManifestBytes: 1 << 20, MetadataBytes: 1 << 20})
+	ctx := context.Background()
+	body := []byte("{}")
+	d := digest.FromBytes(body)
+	if err := b.PutManifest(ctx, cache.Manifest{Digest: d, MediaType: "x", Data: body}); err != nil {
+		t.Fatal(err)
+	}
+	blob := writeBlob(t, b, []byte("blob"))
+	// The request's line, and what a router slices from it.
+	line := "GET /v2/r/manifests/" + d.String() + " " + blob.String() + " HTTP/1.1"
+	reqManifest := digest.Digest(line[len("GET /v2/r/manifests/"):][:len(d)])
+	reqBlob := digest.Digest(line[len(line)-len(" HTTP/1.1")-len(blob) : len(line)-len(" HTTP/1.1")])
+	inLine := func(s string) bool {
+		start := uintptr(unsafe.Pointer(unsafe.StringData(line)))
+		p := uintptr(unsafe.Pointer(unsafe.StringData(s)))
+		return p >= start && p < start+uintptr(len(line))
+	}
+	// A miss fills the LRU; the hit that follows answers what it kept.
+	_, _ = l.GetManifest(ctx, reqManifest)
+	_, _ = l.StatBlob(ctx, reqBlob)
+	b.Close()
+	m, err := l.GetManifest(ctx, reqManifest)
+	if err != nil || inLine(string(m.Digest)) {
+		t.Fatalf("manifest: %v, kept digest in the request line: %v", err, inLine(string(m.Digest)))
+	}
+	info, err := l.StatBlob(ctx, reqBlob)
+	if err != nil || inLine(string(info.Digest)) {
+		t.Fatalf("blob: %v, kept digest in the request line: %v", err, inLine(string(info.Digest)))
 	}
 }
 
@@ -787,6 +852,94 @@ func TestBadger_ChecksFilesAtStart(t *testing.T) {
 	}
 	if n := b.BlobBytes(); n != 5000 {
 		t.Fatalf("blob bytes %d, want 5000", n)
+	}
+}
+
+// The start-up check walks the files and the index side by side: it must
+// keep every blob whose file is there, whatever lies between them in
+// digest order.
+func TestBadger_ChecksFilesAtStart_Interleaved(t *testing.T) {
+	dir := t.TempDir()
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := func(d digest.Digest) string {
+		return filepath.Join(dir, "blobs", d.Algorithm().String(), d.Encoded()[:2], d.Encoded())
+	}
+	var kept, gone []digest.Digest
+	var keptBytes int64
+	for i := range 60 {
+		data := randomBytes(100 + i)
+		d := writeBlob(t, b, data)
+		switch {
+		case i%5 == 0:
+			gone = append(gone, d) // its file goes
+		case i%7 == 0:
+			gone = append(gone, d) // its file is cut short
+		default:
+			kept = append(kept, d)
+			keptBytes += int64(len(data))
+		}
+	}
+	sha512 := digest.SHA512.FromBytes([]byte("another algorithm"))
+	b.Close()
+	for i, d := range gone {
+		if i%2 == 0 {
+			if err := os.Remove(path(d)); err != nil {
+				t.Fatal(err)
+			}
+		} else if err := os.Truncate(path(d), 10); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Strays between the blobs: files of digests nothing indexes, a name
+	// that is no digest, a blob's file in another's directory, a file of
+	// another algorithm.
+	var strays []string
+	for i := range 20 {
+		strays = append(strays, path(digest.FromString(fmt.Sprint("stray", i))))
+	}
+	strays = append(strays,
+		filepath.Join(filepath.Dir(path(kept[0])), "not-a-digest"),
+		filepath.Join(dir, "blobs", "sha256", "zz", kept[1].Encoded()),
+		path(sha512),
+		filepath.Join(dir, "blobs", "junk"))
+	for _, p := range strays {
+		_ = os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.WriteFile(p, []byte("stray"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err = cache.OpenBadger(cache.BadgerOptions{Path: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	ctx := context.Background()
+	for _, d := range kept {
+		if _, err := b.StatBlob(ctx, d); err != nil {
+			t.Fatalf("blob %s lost: %v", d, err)
+		}
+		if _, err := os.Stat(path(d)); err != nil {
+			t.Fatalf("file of blob %s lost: %v", d, err)
+		}
+	}
+	for _, d := range gone {
+		if _, err := b.StatBlob(ctx, d); !errors.Is(err, cache.ErrNotFound) {
+			t.Fatalf("blob %s without its whole file: %v", d, err)
+		}
+		if _, err := os.Stat(path(d)); err == nil {
+			t.Fatalf("the short file of %s is still there", d)
+		}
+	}
+	for _, p := range strays {
+		if _, err := os.Stat(p); err == nil {
+			t.Fatalf("stray %s is still there", p)
+		}
+	}
+	if n := b.BlobBytes(); n != keptBytes {
+		t.Fatalf("blob bytes %d, want %d", n, keptBytes)
 	}
 }
 
@@ -1121,7 +1274,12 @@ func TestBadger_Reserve(t *testing.T) {
 			t.Fatalf("a pinned blob went: %v", err)
 		}
 	}
-	// What is reserved counts: a second reservation of everything free fails.
+	// What is reserved counts: with nothing left to evict, a second
+	// reservation of everything free fails.
+	keep := func(_ cache.LinkKind, d digest.Digest) bool { _, ok := pinned2[d]; return ok }
+	if _, err := b.Evict(ctx, 1<<40, keep); err != nil {
+		t.Fatal(err)
+	}
 	free := usage + 64<<10 - b.Usage()
 	if _, err := b.Reserve(ctx, free); !errors.Is(err, cache.ErrFull) {
 		t.Fatalf("reserving %d with 512 KiB reserved of it: %v", free, err)

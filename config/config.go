@@ -111,11 +111,11 @@ type Storage struct {
 // Cache configures what is held in memory above the store. Every part is
 // bounded in bytes: entries vary in size.
 type Cache struct {
-	// ManifestBytes bounds the manifests held in memory (default 64MiB).
+	// ManifestBytes bounds the manifests held in memory (default 32MiB).
 	ManifestBytes Size `yaml:"manifestBytes"`
 	// MetadataBytes bounds the tags, blob sizes and repository links held in memory (default 16MiB).
 	MetadataBytes Size `yaml:"metadataBytes"`
-	// TagListBytes bounds the upstream tag lists held in memory (default 32MiB).
+	// TagListBytes bounds the upstream tag lists held in memory (default 16MiB).
 	TagListBytes Size `yaml:"tagListBytes"`
 	// ManifestEntries, when set, also bounds the count of manifests held.
 	ManifestEntries int `yaml:"manifestEntries"`
@@ -310,7 +310,7 @@ func Default() Config {
 		Listen:          ":5000",
 		Admin:           Admin{Listen: DefaultAdminListen},
 		Storage:         Storage{Path: "./ocimirror-data", HighWatermark: 95, LowWatermark: 85, GCGrace: Dur(24 * time.Hour)},
-		Cache:           Cache{ManifestBytes: Bytes(64 << 20), MetadataBytes: Bytes(16 << 20), TagListBytes: Bytes(32 << 20)},
+		Cache:           Cache{ManifestBytes: Bytes(32 << 20), MetadataBytes: Bytes(16 << 20), TagListBytes: Bytes(16 << 20)},
 		Uploads:         Uploads{Max: 4096, PerClient: 64, Idle: Dur(5 * time.Minute)},
 		DefaultUpstream: DockerHub,
 		Upstreams: []Upstream{

@@ -49,7 +49,7 @@ const upstreamFetchTimeout = 2 * time.Minute
 // README "Trust and limits" lists them.
 const (
 	// defaultTagListBytes bounds the upstream tag lists kept in memory.
-	defaultTagListBytes = 32 << 20
+	defaultTagListBytes = 16 << 20
 	// maxTagListBytes bounds one upstream tag list, all pages together.
 	maxTagListBytes = 16 << 20
 	// negativeBytes bounds each memory of what was found missing: fallback
