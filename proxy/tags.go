@@ -93,9 +93,12 @@ func (u *upstreamState) tagList(ctx context.Context, q *request) (tagList, error
 	if !known {
 		// The last list the upstream answered, kept in the store: what an
 		// offline or down upstream's repository lists. It is asked for
-		// anew first (a push may have dropped the list from memory).
+		// anew first (a push may have dropped the list from memory): held
+		// in memory as never checked, so that a down upstream's list is
+		// not read from the store again on every request.
 		if st, err := s.store.GetUpstreamTags(ctx, u.name, q.repo); err == nil {
 			old, known = tagList{tags: st.Tags}, true
+			s.tagLists.Add(key, old)
 		} else if !errors.Is(err, cache.ErrNotFound) {
 			return tagList{}, err
 		}
