@@ -29,6 +29,8 @@ type Options struct {
 	// with its store and upstreams); repository is ImportOptions'. Nil:
 	// no import endpoint.
 	Import func(ctx context.Context, r io.Reader, repository string) (*bundle.ImportResult, error)
+	// Metrics serves GET /metrics (the Prometheus text format); nil: none.
+	Metrics http.Handler
 }
 
 // pingTimeout bounds a readiness check of the store.
@@ -39,6 +41,7 @@ const pingTimeout = 5 * time.Second
 //   - GET /readyz: 200 when the store is open and writable, else 503. The
 //     body gives each upstream's state; an upstream that is down or
 //     offline does not make ocimirror unready (it serves from its cache);
+//   - GET /metrics: the Prometheus exposition of every metric;
 //   - POST /import[?repository=NAME]: the body is a bundle, imported as it
 //     arrives (see bundle.Import). 200 with what was imported (JSON), or
 //     400 for a bundle refused, 507 when the store is full, 500 otherwise,
@@ -64,6 +67,9 @@ func Handler(o Options) http.Handler {
 			}
 			writeJSON(w, http.StatusOK, res)
 		})
+	}
+	if o.Metrics != nil {
+		mux.Handle("GET /metrics", o.Metrics)
 	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "alive"})

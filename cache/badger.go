@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
+	"go.opentelemetry.io/otel/metric"
 	"github.com/dgraph-io/badger/v4/options"
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
@@ -83,6 +84,8 @@ type BadgerOptions struct {
 	// WaitForPins holds every eviction pass until SetPins is called: no
 	// pass may run before the pins are known.
 	WaitForPins bool
+	// MeterProvider receives the store's metrics (none if nil).
+	MeterProvider metric.MeterProvider
 }
 
 // Badger is the on-disk Store: blob bytes in content-addressed files,
@@ -120,6 +123,7 @@ type Badger struct {
 	limits  Budget
 	// waitPins: no pass before SetPins.
 	waitPins bool
+	metrics  *storeMetrics
 	// passMu runs one eviction pass at a time: the background one, or
 	// one that Reserve runs to make room.
 	passMu sync.Mutex
@@ -224,6 +228,10 @@ func OpenBadger(opts BadgerOptions) (*Badger, error) {
 	lsm, vlog := db.Size()
 	s.log.Info("store opened", "path", opts.Path, "blob_bytes", s.blobBytes.Load(), "db_bytes", lsm+vlog,
 		"max_size", opts.Budget.MaxSize, "min_free", opts.Budget.MinFree)
+	if s.metrics, err = newStoreMetrics(opts.MeterProvider, s); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("cache: metrics: %w", err)
+	}
 	s.wg.Add(2)
 	go s.every(opts.GCInterval, nil, s.gcValueLog)
 	go s.every(opts.AccessFlushInterval, s.accessFull, s.flushAccess)
@@ -264,6 +272,7 @@ func badgerOptions(o BadgerOptions, dir string) badger.Options {
 
 // Close flushes access times and closes the database.
 func (s *Badger) Close() error {
+	s.metrics.close()
 	close(s.stop)
 	s.cancel()
 	s.wg.Wait()

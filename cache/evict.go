@@ -469,7 +469,7 @@ var errPinsUnknown = errors.New("cache: eviction pass skipped: the pins are not 
 // pass runs one eviction pass, keeping the pins, of what want says once
 // no other pass runs (nothing when that is 0: one that ran meanwhile made
 // the room).
-func (s *Badger) pass(ctx context.Context, want func() int64) (Evicted, error) {
+func (s *Badger) pass(ctx context.Context, reason string, want func() int64) (Evicted, error) {
 	s.passMu.Lock()
 	defer s.passMu.Unlock()
 	n := want()
@@ -491,6 +491,7 @@ func (s *Badger) pass(ctx context.Context, want func() int64) (Evicted, error) {
 		}
 	}
 	ev, err := s.Evict(ctx, n, keep)
+	s.metrics.evictedBy(reason, ev)
 	if ev.Bytes == 0 && err == nil {
 		// Nothing to evict: Reserve answers full for a while without
 		// scanning again (the budget loop checks anew meanwhile).
@@ -534,7 +535,7 @@ func (s *Badger) Reserve(ctx context.Context, size int64) (func(), error) {
 			return nil, ErrFull
 		}
 		var want int64
-		ev, err := s.pass(ctx, func() int64 {
+		ev, err := s.pass(ctx, evictMakeRoom, func() int64 {
 			if fits() {
 				return 0
 			}
@@ -597,8 +598,9 @@ func (s *Badger) freeSpace() (int64, error) {
 
 // toFree is how much a pass must free now: down to the low watermark once
 // usage reaches the high one, and up to the free space to keep.
-func (s *Badger) toFree(b Budget) int64 {
+func (s *Badger) toFree(b Budget) (int64, string) {
 	var want int64
+	reason := evictHighWatermark
 	if b.MaxSize > 0 {
 		if usage := s.Usage(); float64(usage) >= b.High*float64(b.MaxSize) {
 			want = usage - int64(b.Low*float64(b.MaxSize))
@@ -606,10 +608,12 @@ func (s *Badger) toFree(b Budget) int64 {
 	}
 	if b.MinFree > 0 {
 		if free, err := s.freeSpace(); err == nil && free < b.MinFree {
-			want = max(want, b.MinFree-free+int64((b.High-b.Low)*float64(b.MaxSize)))
+			if w := b.MinFree - free + int64((b.High-b.Low)*float64(b.MaxSize)); w > want {
+				want, reason = w, evictMinFree
+			}
 		}
 	}
-	return want
+	return want, reason
 }
 
 // keepBudget runs eviction passes whenever usage reaches the budget's
@@ -625,12 +629,12 @@ func (s *Badger) keepBudget(b Budget) {
 		case <-t.C:
 		case <-s.kick:
 		}
-		want := s.toFree(b)
+		want, reason := s.toFree(b)
 		if want <= 0 {
 			continue
 		}
 		start, before := time.Now(), s.Usage()
-		ev, err := s.pass(s.ctx, func() int64 { return want })
+		ev, err := s.pass(s.ctx, reason, func() int64 { return want })
 		level := s.log.Info
 		if err != nil || ev.Bytes < want {
 			level = s.log.Warn

@@ -51,10 +51,13 @@ const maxGarbageItems = 10000
 func (s *Badger) CollectGarbage(ctx context.Context, grace time.Duration, dry bool) (Collected, error) {
 	var c Collected
 	cutoff := s.now().Add(-grace)
-	if err := s.unreferencedLinks(ctx, cutoff, dry, &c); err != nil {
-		return c, err
+	err := s.unreferencedLinks(ctx, cutoff, dry, &c)
+	if err == nil {
+		err = s.unheldContent(ctx, cutoff, dry, &c)
 	}
-	err := s.unheldContent(ctx, cutoff, dry, &c)
+	if !dry && c.Bytes > 0 {
+		s.metrics.gcDeleted.Add(context.Background(), c.Bytes)
+	}
 	return c, err
 }
 

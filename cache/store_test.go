@@ -23,6 +23,7 @@ import (
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/ocimirror/ocimirror/cache"
+	"github.com/ocimirror/ocimirror/internal/metrictest"
 )
 
 // testChunk sizes the test blobs: odd sizes around it exercise the edges
@@ -1096,7 +1097,8 @@ func TestBadger_Evict(t *testing.T) {
 func TestBadger_Budget(t *testing.T) {
 	dir := t.TempDir()
 	const max = 4 << 20
-	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir, Budget: cache.Budget{MaxSize: max, Interval: 20 * time.Millisecond}})
+	m := metrictest.New(t)
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir, Budget: cache.Budget{MaxSize: max, Interval: 20 * time.Millisecond}, MeterProvider: m.Provider})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1116,6 +1118,19 @@ func TestBadger_Budget(t *testing.T) {
 	if du := dirSize(t, dir); du > max {
 		t.Fatalf("du %d over the budget %d", du, max)
 	}
+	// An operator sees the store against its budget, and what went.
+	m.Want("ocimirror_store_budget_bytes", max)
+	if got, want := m.Value("ocimirror_store_bytes"), float64(b.Usage()); got < want*0.9 || got > want*1.1 {
+		t.Errorf("ocimirror_store_bytes %v, usage %v", got, want)
+	}
+	evicted := m.Value("ocimirror_evictions_total", "reason=high_watermark") + m.Value("ocimirror_evictions_total", "reason=make_room")
+	if evicted < 4 || evicted > 12 {
+		t.Errorf("%v evictions counted, of 12 blobs of which at most 8 fit", evicted)
+	}
+	if freed := m.Value("ocimirror_evicted_bytes_total"); freed < 2<<20 {
+		t.Errorf("%v evicted bytes counted", freed)
+	}
+	m.Want("ocimirror_evictions_total", 0, "reason=min_free")
 }
 
 // Garbage collection of data: a blob pushed to a repository that no
@@ -1128,7 +1143,8 @@ func TestBadger_CollectGarbage(t *testing.T) {
 	var mu sync.Mutex
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
-	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir, Clock: clock, CollectInterval: -1})
+	mr := metrictest.New(t)
+	b, err := cache.OpenBadger(cache.BadgerOptions{Path: dir, Clock: clock, CollectInterval: -1, MeterProvider: mr.Provider})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1179,6 +1195,7 @@ func TestBadger_CollectGarbage(t *testing.T) {
 	if err != nil || len(c.Items) != 2 || c.Bytes != 3<<20 {
 		t.Fatalf("collection: %+v %v", c, err)
 	}
+	mr.Want("ocimirror_gc_deleted_bytes_total", 3<<20) // not the dry run's
 	if freed := before - dirSize(t, dir); freed < 3<<20 {
 		t.Fatalf("the collection freed %d bytes of disk", freed)
 	}

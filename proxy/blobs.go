@@ -80,6 +80,9 @@ func (u *upstreamState) blob(w http.ResponseWriter, r *http.Request, q *request)
 	}
 	err = s.serveFill(w, r, q, f, rd)
 	f.release(rd)
+	if f.unstored() {
+		q.cache = cachePassthrough
+	}
 	if errors.Is(err, errLeftBehind) {
 		// The fill streams past a full store and has sent the bytes
 		// this client wants already: it follows the next fill, shared
@@ -219,6 +222,8 @@ func sendFile(dw deadlineWriter, f *os.File, start, end int64) error {
 // without storing and has passed what the client wants.
 func (s *Server) serveFill(w http.ResponseWriter, r *http.Request, q *request, f *blobFill, rd *reader) error {
 	ctx := r.Context()
+	s.metrics.fillWaiters.Add(1)
+	defer s.metrics.fillWaiters.Add(-1)
 	select {
 	case <-f.ready:
 	case <-ctx.Done():

@@ -202,6 +202,13 @@ func (s *Server) privateFill(ctx context.Context, q *request) (*blobFill, *reade
 	return f, rd
 }
 
+// unstored reports whether the fill streams past the store (it was full).
+func (f *blobFill) unstored() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.spill != nil
+}
+
 // addReader registers a client joining the fill. Until it says where it
 // starts (seek), it holds the window where it stands now.
 func (f *blobFill) addReader() *reader {
@@ -270,6 +277,8 @@ func (s *Server) abandonUnfollowed(f *blobFill) bool {
 // up to maxResumes times.
 func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState) {
 	defer s.work.Done()
+	s.metrics.fillsRunning.Add(1)
+	defer s.metrics.fillsRunning.Add(-1)
 	defer f.release(nil)
 	defer func() {
 		if f.slot {

@@ -22,6 +22,7 @@ import (
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/ocimirror/ocimirror/cache"
+	"github.com/ocimirror/ocimirror/internal/metrictest"
 	"github.com/ocimirror/ocimirror/internal/registrytest"
 	"github.com/ocimirror/ocimirror/proxy"
 	"github.com/ocimirror/ocimirror/upstream"
@@ -148,7 +149,8 @@ func TestProxy_Pin_SurvivesEviction(t *testing.T) {
 // blob is streamed to all its clients from one upstream GET, and stored
 // nowhere.
 func TestProxy_Full_StreamsWithoutStoring(t *testing.T) {
-	e, reg := start(t, withPins("app:v1"))
+	m := metrictest.New(t)
+	e, reg := start(t, withPins("app:v1"), withMeter(m.Provider))
 	index, all := pinnedIndex(t, reg, 256<<10)
 	pullAll(t, e, index, all)
 	// The budget is what the pinned image uses: nothing can be evicted.
@@ -175,6 +177,9 @@ func TestProxy_Full_StreamsWithoutStoring(t *testing.T) {
 	if n := reg.Count(http.MethodGet, "blobs"); n != 1 {
 		t.Fatalf("6 concurrent pulls of a blob the store has no room for cost %d upstream GETs, want 1", n)
 	}
+	// An operator sees them as pass-through, bytes and all.
+	m.Want("ocimirror_cache_requests_total", 6, "kind=blob", "result=passthrough")
+	m.Want("ocimirror_served_bytes_total", 6*float64(len(big)), "source=passthrough")
 	if _, err := e.badger.StatBlob(context.Background(), d); !errors.Is(err, cache.ErrNotFound) {
 		t.Fatalf("the blob was stored with the store full: %v", err)
 	}
@@ -189,6 +194,9 @@ func TestProxy_Full_StreamsWithoutStoring(t *testing.T) {
 	if r.status != http.StatusPartialContent || string(r.body) != string(big[1000:2000]) {
 		t.Fatalf("a range with the store full: %d, %d bytes", r.status, len(r.body))
 	}
+	m.Want("ocimirror_cache_requests_total", 7, "kind=blob", "result=passthrough")
+	m.Want("ocimirror_served_bytes_total", 6*float64(len(big))+1000, "source=passthrough")
+	m.Want("ocimirror_store_budget_bytes", float64(e.budget.MaxSize))
 	for dd := range all {
 		if _, err := e.badger.StatBlob(context.Background(), dd); err == nil {
 			continue

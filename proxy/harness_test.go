@@ -17,6 +17,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
+	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/ocimirror/ocimirror/cache"
@@ -66,6 +67,7 @@ type env struct {
 	upstreams   []upstreamDef
 	defaultName string
 	tracer      trace.TracerProvider
+	meter       metric.MeterProvider
 	hosted      []string
 	readOnly    bool
 	maxUploads  int
@@ -103,6 +105,7 @@ func withBudget(b cache.Budget) option                    { return func(e *env) 
 func withDir(dir string) option                           { return func(e *env) { e.dir = dir } }
 func withSync(rules ...proxy.SyncRule) option             { return func(e *env) { e.sync = rules } }
 func withPins(refs ...string) option                      { return func(e *env) { e.pins = refs } }
+func withMeter(mp metric.MeterProvider) option            { return func(e *env) { e.meter = mp } }
 func withTracer(tp trace.TracerProvider) option {
 	return func(e *env) { e.tracer = tp }
 }
@@ -131,7 +134,7 @@ func start(t testing.TB, opts ...option) (*env, *registrytest.Registry) {
 func (e *env) open() {
 	t := e.t
 	var err error
-	e.badger, err = cache.OpenBadger(cache.BadgerOptions{Path: e.dir, Logger: testLogger(t), Budget: e.budget, Clock: e.clock.Now, CollectInterval: -1, WaitForPins: true})
+	e.badger, err = cache.OpenBadger(cache.BadgerOptions{Path: e.dir, Logger: testLogger(t), Budget: e.budget, Clock: e.clock.Now, CollectInterval: -1, WaitForPins: true, MeterProvider: e.meter})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -155,7 +158,7 @@ func (e *env) open() {
 			breaker = -1
 		}
 		c, err := upstream.New(upstream.Options{Name: u.name, URL: url, Credentials: u.creds,
-			RetryBackoff: time.Millisecond, MaxAttempts: 2, Logger: testLogger(t), TracerProvider: e.tracer,
+			RetryBackoff: time.Millisecond, MaxAttempts: 2, Logger: testLogger(t), TracerProvider: e.tracer, MeterProvider: e.meter,
 			Offline: u.offline, BreakerFailures: breaker, BreakerMinBackoff: u.breakerBackoff, BreakerMaxBackoff: 4 * u.breakerBackoff})
 		if err != nil {
 			t.Fatal(err)
@@ -166,7 +169,7 @@ func (e *env) open() {
 	e.srv, err = proxy.New(proxy.Options{Store: e.store, Upstreams: ups, DefaultUpstream: e.defaultName,
 		Hosted: e.hosted, ReadOnly: e.readOnly, MaxUploads: e.maxUploads, MaxUploadsPerClient: e.perClient,
 		UploadIdle: e.uploadIdle, BodyIdle: e.bodyIdle, Pins: e.pins, Sync: e.sync,
-		Logger: testLogger(t), Clock: e.clock.Now, TracerProvider: e.tracer})
+		Logger: testLogger(t), Clock: e.clock.Now, TracerProvider: e.tracer, MeterProvider: e.meter})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -48,6 +48,8 @@ const HeaderWarning = "Warning"
 type referrersAnswer struct {
 	descriptors []v1.Descriptor
 	warnings    []string
+	// sources are those that named at least one referrer (refSource*).
+	sources uint8
 }
 
 // refMissKey names a candidate that failed its check for a subject.
@@ -77,6 +79,9 @@ func (s *Server) referrers(w http.ResponseWriter, r *http.Request, q *request) e
 	ans, err := q.src.referrers(r.Context(), q, d)
 	if err != nil {
 		return err
+	}
+	if q.up != nil {
+		s.metrics.referrerSources(r.Context(), ans.sources)
 	}
 	ds := referrers.Merge(ans.descriptors)
 	query := r.URL.Query()
@@ -133,6 +138,14 @@ func (u *upstreamState) referrers(ctx context.Context, q *request, subject diges
 	local, err := s.store.ListReferrers(ctx, key)
 	if err != nil {
 		return ans, err
+	}
+	for _, src := range []struct {
+		ds  []v1.Descriptor
+		bit uint8
+	}{{fromAPI, refSourceAPI}, {fromTag, refSourceFallbackTag}, {local, refSourceLocal}} {
+		if len(src.ds) > 0 {
+			ans.sources |= src.bit
+		}
 	}
 	seen := make(map[digest.Digest]bool, len(local))
 	for _, d := range local {

@@ -21,6 +21,8 @@ import (
 	"github.com/gorilla/mux"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/metric"
+	metricnoop "go.opentelemetry.io/otel/metric/noop"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
 
@@ -93,6 +95,8 @@ type Options struct {
 	TagListBytes   int64
 	Logger         *slog.Logger
 	TracerProvider trace.TracerProvider
+	// MeterProvider receives the API's metrics (none if nil).
+	MeterProvider metric.MeterProvider
 	// Clock is the time source (tests); time.Now if nil.
 	Clock func() time.Time
 }
@@ -120,6 +124,7 @@ type Server struct {
 	readOnly        bool
 	log             *slog.Logger
 	tracer          trace.Tracer
+	metrics         *serverMetrics
 	now             func() time.Time
 
 	// flight coalesces manifest, tag and referrer fetches; fills
@@ -168,6 +173,9 @@ func New(o Options) (*Server, error) {
 	}
 	if o.Clock == nil {
 		o.Clock = time.Now
+	}
+	if o.MeterProvider == nil {
+		o.MeterProvider = metricnoop.NewMeterProvider()
 	}
 	if o.TagListBytes <= 0 {
 		o.TagListBytes = defaultTagListBytes
@@ -222,6 +230,10 @@ func New(o Options) (*Server, error) {
 			return nil, fmt.Errorf("proxy: default upstream %s is not configured", o.DefaultUpstream)
 		}
 	}
+	var err error
+	if s.metrics, err = newServerMetrics(o.MeterProvider.Meter("github.com/ocimirror/ocimirror/proxy"), s); err != nil {
+		return nil, fmt.Errorf("proxy: metrics: %w", err)
+	}
 	for _, ref := range o.Pins {
 		p, err := s.parsePin(ref)
 		if err != nil {
@@ -268,6 +280,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.cancel()
 	<-done
 	s.uploads.cancelAll(s.log)
+	_ = s.metrics.reg.Unregister()
 	return err
 }
 
@@ -345,6 +358,8 @@ func (s *Server) finish(r *http.Request, rw *responseWriter, q *request, span tr
 	if status == 0 {
 		status = http.StatusOK
 	}
+	elapsed := time.Since(start)
+	s.metrics.record(r.Context(), r, q, status, rw.bytes, elapsed.Seconds(), err)
 	span.SetAttributes(attribute.Int("http.response.status_code", status))
 	if q.src != nil {
 		span.SetAttributes(attribute.String("ocimirror.upstream", q.src.logName()), attribute.String("ocimirror.repo", q.repo))
@@ -370,7 +385,7 @@ func (s *Server) finish(r *http.Request, rw *responseWriter, q *request, span tr
 		slog.String("path", r.URL.Path),
 		slog.Int("status", status),
 		slog.Int64("bytes", rw.bytes),
-		slog.Duration("duration", time.Since(start)))
+		slog.Duration("duration", elapsed))
 	if q.src != nil {
 		attrs = append(attrs, slog.String("upstream", q.src.logName()), slog.String("repo", q.repo))
 	}

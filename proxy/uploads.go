@@ -95,6 +95,13 @@ func (u *uploads) add(x *upload) error {
 	return nil
 }
 
+// open is how many sessions are open.
+func (u *uploads) open() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return len(u.m)
+}
+
 func (u *uploads) remove(id string) {
 	u.mu.Lock()
 	defer u.mu.Unlock()

@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/ocimirror/ocimirror/internal/metrictest"
 )
 
 // flaky is a TCP listener on 127.0.0.1 that, while down, accepts and
@@ -79,8 +81,9 @@ func (l *chanListener) Addr() net.Addr { return l.addr }
 // brings it back up.
 func TestClient_Breaker(t *testing.T) {
 	f := newFlaky(t)
+	m := metrictest.New(t)
 	c, err := New(Options{Name: "flaky.test", URL: "http://" + f.ln.Addr().String(), MaxAttempts: 1, Transport: &http.Transport{DisableKeepAlives: true},
-		BreakerFailures: 3, BreakerMinBackoff: 200 * time.Millisecond, BreakerMaxBackoff: time.Second})
+		BreakerFailures: 3, BreakerMinBackoff: 200 * time.Millisecond, BreakerMaxBackoff: time.Second, MeterProvider: m.Provider})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,6 +107,10 @@ func TestClient_Breaker(t *testing.T) {
 	if st := c.State(); !st.Down || st.Failures != 3 || st.NextProbe.IsZero() {
 		t.Fatalf("after 3 failures: %+v", st)
 	}
+	// The operator's view: down, 3 requests without an answer, 1 answered.
+	m.Want("ocimirror_upstream_up", 0, "upstream=flaky.test")
+	m.Want("ocimirror_upstream_requests_total", 3, "upstream=flaky.test", "method=HEAD", "code=error")
+	m.Want("ocimirror_upstream_requests_total", 1, "upstream=flaky.test", "method=HEAD", "code=404")
 	before := f.conns.Load()
 	for range 50 {
 		if err := get(); !errors.Is(err, ErrDown) || !errors.Is(err, ErrUnavailable) {
@@ -137,6 +144,7 @@ func TestClient_Breaker(t *testing.T) {
 	if err := get(); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("up again: %v", err)
 	}
+	m.Want("ocimirror_upstream_up", 1, "upstream=flaky.test")
 }
 
 // Offline: nothing is sent, every call is ErrOffline (an ErrUnavailable).

@@ -27,6 +27,8 @@ import (
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/metric"
+	metricnoop "go.opentelemetry.io/otel/metric/noop"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
 )
@@ -70,6 +72,8 @@ type Options struct {
 	Logger *slog.Logger
 	// TracerProvider traces every upstream call (none if nil).
 	TracerProvider trace.TracerProvider
+	// MeterProvider counts every upstream call (none if nil).
+	MeterProvider metric.MeterProvider
 	// UserAgent is sent with every request.
 	UserAgent string
 	// MaxAttempts bounds tries of an idempotent request (3 if 0).
@@ -128,6 +132,9 @@ func New(o Options) (*Client, error) {
 	if o.TracerProvider == nil {
 		o.TracerProvider = noop.NewTracerProvider()
 	}
+	if o.MeterProvider == nil {
+		o.MeterProvider = metricnoop.NewMeterProvider()
+	}
 	if o.UserAgent == "" {
 		o.UserAgent = "ocimirror"
 	}
@@ -160,7 +167,7 @@ func New(o Options) (*Client, error) {
 		}
 		rt = t
 	}
-	hc := &http.Client{Transport: rt, CheckRedirect: checkRedirect}
+	hc := &http.Client{CheckRedirect: checkRedirect}
 	c := &Client{
 		name:        o.Name,
 		base:        base.String(),
@@ -176,6 +183,11 @@ func New(o Options) (*Client, error) {
 		breaker: &breaker{name: o.Name, log: o.Logger, threshold: max(o.BreakerFailures, 0),
 			min: o.BreakerMinBackoff, max: o.BreakerMaxBackoff},
 	}
+	m, err := newClientMetrics(o.MeterProvider.Meter("github.com/ocimirror/ocimirror/upstream"), c)
+	if err != nil {
+		return nil, fmt.Errorf("upstream %s: metrics: %w", o.Name, err)
+	}
+	hc.Transport = meteredTransport{next: rt, m: m}
 	c.auth, err = newAuthenticator(base.Host, o.Credentials, hc, o.UserAgent, o.MaxTokens)
 	if err != nil {
 		return nil, fmt.Errorf("upstream %s: %w", o.Name, err)

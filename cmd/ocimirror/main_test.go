@@ -215,4 +215,24 @@ func TestServe_OfflineAndAdmin(t *testing.T) {
 	if st, _ := get("http://" + adminAddr + "/v2/"); st != 404 {
 		t.Fatalf("the registry API on the admin listener: %d", st)
 	}
+	// The metrics, in the Prometheus text format: the offline miss, the
+	// upstream marked not up, the Go runtime's and the process's series.
+	st, body = get("http://" + adminAddr + "/metrics")
+	for _, want := range []string{
+		`ocimirror_cache_requests_total{kind="tag",result="offline_miss"} 1`,
+		`ocimirror_http_requests_total{code="404",method="GET",route="manifest"} 1`,
+		`ocimirror_upstream_up{upstream="` + reg.Host + `"} 0`,
+		`ocimirror_store_budget_bytes 0`,
+		`ocimirror_build_info{version=`,
+		"# TYPE ocimirror_http_request_duration_seconds histogram",
+		"go_goroutines ",
+		"process_resident_memory_bytes ",
+	} {
+		if st != 200 || !strings.Contains(body, "\n"+want) {
+			t.Errorf("/metrics: %d, no %q in\n%s", st, want, body)
+		}
+	}
+	if strings.Contains(body, "otel_scope") || strings.Contains(body, "target_info") {
+		t.Errorf("/metrics carries OpenTelemetry scope labels or target_info")
+	}
 }

@@ -154,11 +154,16 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		return err
 	}
 	defer shutdownTracing()
+	tel, err := newTelemetry(ctx)
+	if err != nil {
+		return err
+	}
+	defer tel.shutdown()
 
 	badger, err := cache.OpenBadger(cache.BadgerOptions{Path: cfg.Storage.Path, Logger: logger, Budget: cache.Budget{
 		MaxSize: cfg.Storage.MaxSize.Bytes, MinFree: cfg.Storage.MinFree.Bytes,
 		High: float64(cfg.Storage.HighWatermark) / 100, Low: float64(cfg.Storage.LowWatermark) / 100,
-	}, GCGrace: cfg.Storage.GCGrace.Duration, WaitForPins: true})
+	}, GCGrace: cfg.Storage.GCGrace.Duration, WaitForPins: true, MeterProvider: tel.provider})
 	if err != nil {
 		return err
 	}
@@ -184,7 +189,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		c, err := upstream.New(upstream.Options{
 			Name: u.Name, URL: u.URL, Credentials: creds,
 			CAFile: u.TLS.CAFile, InsecureSkipVerify: u.TLS.InsecureSkipVerify,
-			Logger: logger, TracerProvider: tp, UserAgent: "ocimirror/" + version,
+			Logger: logger, TracerProvider: tp, MeterProvider: tel.provider, UserAgent: "ocimirror/" + version,
 			Offline: cfg.Offline || u.Offline, ResponseTimeout: u.Timeout.Duration,
 		})
 		if err != nil {
@@ -203,7 +208,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		Hosted: cfg.Hosted, ReadOnly: cfg.ReadOnly, Pins: cfg.Storage.Pin, Sync: syncs,
 		MaxUploads: cfg.Uploads.Max, MaxUploadsPerClient: cfg.Uploads.PerClient, UploadIdle: cfg.Uploads.Idle.Duration,
 		TagListBytes: cfg.Cache.TagListBytes.Bytes,
-		Logger:       logger, TracerProvider: tp,
+		Logger:       logger, TracerProvider: tp, MeterProvider: tel.provider,
 	})
 	if err != nil {
 		return err
@@ -247,7 +252,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 			return res, err
 		}
 		as = &http.Server{
-			Handler:           admin.Handler(admin.Options{Ping: badger.Ping, Upstreams: clients, Offline: cfg.Offline, Import: importBundle}),
+			Handler:           admin.Handler(admin.Options{Ping: badger.Ping, Upstreams: clients, Offline: cfg.Offline, Import: importBundle, Metrics: tel.handler}),
 			ReadHeaderTimeout: 10 * time.Second,
 			ErrorLog:          log.New(slogWriter{logger}, "", 0),
 		}

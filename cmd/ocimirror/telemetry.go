@@ -1,0 +1,101 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.opentelemetry.io/otel/attribute"
+	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
+	"go.opentelemetry.io/otel/exporters/otlp/otlpmetric/otlpmetrichttp"
+	"go.opentelemetry.io/otel/metric"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/resource"
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
+)
+
+// telemetry is the process's metrics: one OpenTelemetry meter provider
+// whose instruments every package creates from, read by the Prometheus
+// exporter (served at the admin listener's /metrics) and, when the
+// standard OTEL_* variables ask for it, pushed over OTLP/HTTP too.
+type telemetry struct {
+	provider *sdkmetric.MeterProvider
+	// handler serves the Prometheus text format: ocimirror's series, the
+	// Go runtime's (go_*) and the process's (process_*).
+	handler  http.Handler
+	shutdown func()
+}
+
+func newTelemetry(ctx context.Context) (*telemetry, error) {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	// No otel_scope_* labels and no target_info: the series are named
+	// ocimirror_* already, and a scrape target is one process.
+	prom, err := otelprom.New(otelprom.WithRegisterer(reg), otelprom.WithoutScopeInfo(), otelprom.WithoutTargetInfo())
+	if err != nil {
+		return nil, fmt.Errorf("prometheus exporter: %w", err)
+	}
+	opts := []sdkmetric.Option{sdkmetric.WithReader(prom)}
+	if otlpMetricsWanted() {
+		exp, err := otlpmetrichttp.New(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("otlp metric exporter: %w", err)
+		}
+		res, err := resource.Merge(resource.Default(), resource.NewSchemaless(semconv.ServiceName("ocimirror"), semconv.ServiceVersion(version)))
+		if err != nil {
+			res = resource.Default()
+		}
+		opts = append(opts, sdkmetric.WithReader(sdkmetric.NewPeriodicReader(exp)), sdkmetric.WithResource(res))
+	}
+	mp := sdkmetric.NewMeterProvider(opts...)
+	info, err := mp.Meter("github.com/ocimirror/ocimirror/cmd").Int64ObservableGauge("ocimirror_build_info",
+		metric.WithDescription("1, with the version of ocimirror running as a label."))
+	if err != nil {
+		return nil, err
+	}
+	byVersion := metric.WithAttributes(attribute.String("version", version))
+	if _, err := mp.Meter("github.com/ocimirror/ocimirror/cmd").RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		o.ObserveInt64(info, 1, byVersion)
+		return nil
+	}, info); err != nil {
+		return nil, err
+	}
+	return &telemetry{
+		provider: mp,
+		handler:  promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}),
+		shutdown: func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_ = mp.Shutdown(ctx)
+		},
+	}, nil
+}
+
+// otlpMetricsWanted follows the OpenTelemetry environment variables: an
+// OTLP endpoint, or OTEL_METRICS_EXPORTER=otlp, turns the push on; the
+// SDK disabled, or OTEL_METRICS_EXPORTER=none (or prometheus), keeps it
+// off. The Prometheus endpoint is served either way.
+func otlpMetricsWanted() bool {
+	if os.Getenv("OTEL_SDK_DISABLED") == "true" {
+		return false
+	}
+	exporters := os.Getenv("OTEL_METRICS_EXPORTER")
+	if exporters != "" {
+		for _, e := range strings.Split(exporters, ",") {
+			if strings.TrimSpace(e) == "otlp" {
+				return true
+			}
+		}
+		return false
+	}
+	return os.Getenv("OTEL_EXPORTER_OTLP_ENDPOINT") != "" || os.Getenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") != ""
+}
