@@ -17,10 +17,10 @@ import (
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
-	"go.opentelemetry.io/otel/metric"
 	"github.com/dgraph-io/badger/v4/options"
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
+	"go.opentelemetry.io/otel/metric"
 )
 
 // Key layout. Every key starts with a one-byte kind.
