@@ -6,6 +6,7 @@ import (
 
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/ocimirror/ocimirror/internal/metrictest"
 	"github.com/ocimirror/ocimirror/internal/registrytest"
 )
 
@@ -19,9 +20,16 @@ func (d *discard) WriteHeader(int)             {}
 
 // benchServe measures serving a cached path: setup pushes content upstream
 // and names the path; one request warms the cache, then the handler is
-// driven directly from parallel goroutines.
+// driven directly from parallel goroutines. It runs without metrics and
+// with them (an OpenTelemetry SDK meter provider, as serve has), to show
+// what they cost.
 func benchServe(b *testing.B, setup func(reg *registrytest.Registry) (path string, size int64)) {
-	e, reg := start(b)
+	b.Run("metrics=off", func(b *testing.B) { benchServeWith(b, setup) })
+	b.Run("metrics=on", func(b *testing.B) { benchServeWith(b, setup, withMeter(metrictest.New(b).Provider)) })
+}
+
+func benchServeWith(b *testing.B, setup func(reg *registrytest.Registry) (path string, size int64), opts ...option) {
+	e, reg := start(b, opts...)
 	path, size := setup(reg)
 	const accept = v1.MediaTypeImageManifest + ", " + v1.MediaTypeImageIndex
 	if r := e.get(path, "Accept: "+accept); r.status != 200 {

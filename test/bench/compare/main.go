@@ -46,6 +46,7 @@ func main() {
 	flag.IntVar(&o.runs, "runs", 3, "repetitions of each measure (medians are reported)")
 	flag.DurationVar(&o.wrkDuration, "duration", 10*time.Second, "wrk duration per manifest measure")
 	flag.StringVar(&o.workdir, "workdir", "", "`directory` for data and logs (a temporary one if empty)")
+	flag.StringVar(&o.baseline, "baseline", "", "also measure manifest req/s of ocimirror built at this git `ref` (an earlier release), in the same run")
 	flag.Parse()
 	if err := run(o); err != nil {
 		fmt.Fprintln(os.Stderr, "compare:", err)
@@ -54,7 +55,7 @@ func main() {
 }
 
 type options struct {
-	registry, ocimirror, wrk, layers, workdir string
+	registry, ocimirror, wrk, layers, workdir, baseline string
 	stampede, runs                            int
 	wrkDuration                               time.Duration
 }
@@ -92,6 +93,14 @@ func run(o options) error {
 		build.Stdout, build.Stderr = os.Stderr, os.Stderr
 		if err := build.Run(); err != nil {
 			return fmt.Errorf("building ocimirror: %w", err)
+		}
+	}
+
+	baseBin := ""
+	if o.baseline != "" {
+		var err error
+		if baseBin, err = buildAt(o.baseline, dir); err != nil {
+			return fmt.Errorf("building ocimirror at %s: %w", o.baseline, err)
 		}
 	}
 
@@ -174,6 +183,31 @@ func run(o options) error {
 			logf("run %d %s: stampede %d upstream GETs, %.2fs", r+1, t.name, gets, secs)
 		}
 	}
+	var base *target
+	if baseBin != "" {
+		baseCounter, err := startCounter(upURL)
+		if err != nil {
+			return err
+		}
+		addr := freeAddr()
+		cmd := exec.Command(baseBin, "serve", "--listen", addr, "--admin-listen", "127.0.0.1:0", "--data", filepath.Join(dir, "baseline-data"),
+			"--upstream", "upstream.bench="+baseCounter.url, "--default-upstream", "upstream.bench")
+		if cmd.Stderr, err = os.Create(filepath.Join(dir, "baseline.log")); err != nil {
+			return err
+		}
+		if err := cmd.Start(); err != nil {
+			return err
+		}
+		procs = append(procs, cmd)
+		base = &target{name: "ocimirror " + o.baseline, url: "http://" + addr, cmd: cmd, counter: baseCounter, results: map[string][]float64{}}
+		if err := waitHTTP(base.url + "/v2/"); err != nil {
+			return fmt.Errorf("%s: %w", base.name, err)
+		}
+		// Warm it as the others are: the image pulled once.
+		if _, err := warmPull(client, base.url, img, 1, 1); err != nil {
+			return fmt.Errorf("%s warm-up: %w", base.name, err)
+		}
+	}
 	direct := &target{name: "upstream direct", url: upURL, results: map[string][]float64{}}
 	for r := 0; r < o.runs; r++ {
 		for _, t := range append([]*target{direct}, targets...) {
@@ -186,8 +220,12 @@ func run(o options) error {
 		}
 	}
 	accept := "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"
+	rpsTargets := targets
+	if base != nil {
+		rpsTargets = append([]*target{base}, targets...)
+	}
 	for r := 0; r < o.runs; r++ {
-		for _, t := range targets {
+		for _, t := range rpsTargets {
 			for _, m := range []struct{ key, ref string }{{"tag_rps", "v1"}, {"digest_rps", img.digest}} {
 				rps, err := runWrk(o.wrk, o.wrkDuration, accept, t.url+"/v2/"+repo+"/manifests/"+m.ref)
 				if err != nil {
@@ -202,7 +240,43 @@ func run(o options) error {
 		t.mem.stop()
 	}
 	printTable(os.Stdout, o, targets, direct)
+	if base != nil {
+		printBaseline(os.Stdout, o, base, targets[1])
+	}
 	return nil
+}
+
+// buildAt builds ocimirror as it was at a git ref, from an archive of
+// that tree (the working tree is not touched).
+func buildAt(ref, dir string) (string, error) {
+	src := filepath.Join(dir, "baseline-src")
+	if err := os.MkdirAll(src, 0o755); err != nil {
+		return "", err
+	}
+	archive := exec.Command("sh", "-c", `git archive "$1" | tar -x -C "$2"`, "sh", ref, src)
+	archive.Stderr = os.Stderr
+	if err := archive.Run(); err != nil {
+		return "", fmt.Errorf("git archive: %w", err)
+	}
+	bin := filepath.Join(dir, "ocimirror-baseline")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/ocimirror")
+	build.Dir, build.Stdout, build.Stderr = src, os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		return "", err
+	}
+	logf("built ocimirror at %s", ref)
+	return bin, nil
+}
+
+// printBaseline compares manifest hits with an earlier build measured in
+// the same run, interleaved with this one.
+func printBaseline(w io.Writer, o options, base, om *target) {
+	fmt.Fprintf(w, "\nManifest hits against ocimirror at %s, same run, medians of %d:\n\n", o.baseline, o.runs)
+	fmt.Fprintf(w, "| measure | ocimirror %s | ocimirror (this tree) | ratio |\n|---|---|---|---|\n", o.baseline)
+	for _, m := range []struct{ name, key string }{{"manifest GET by tag", "tag_rps"}, {"manifest GET by digest", "digest_rps"}} {
+		a, b := median(base.results[m.key]), median(om.results[m.key])
+		fmt.Fprintf(w, "| %s | %.0f req/s | %.0f req/s | %.3fx |\n", m.name, a, b, b/a)
+	}
 }
 
 func logf(format string, args ...any) {
