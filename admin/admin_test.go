@@ -109,3 +109,88 @@ func TestImport(t *testing.T) {
 		t.Errorf("without Import: %v %v", resp.StatusCode, err)
 	}
 }
+
+// GET /stats adds the upstreams' states to the store's figures; POST
+// /purge takes the reference from the query or a JSON body and maps
+// ErrInvalid to 400, ErrRefused to 409, anything else to 500; GET /pins
+// lists the pins, an empty list as [].
+func TestStatsPurgePins(t *testing.T) {
+	up, _ := upstream.New(upstream.Options{Name: "up.test", URL: "http://127.0.0.1:1"})
+	var purged []string
+	var pins []admin.Pin
+	h := admin.Handler(admin.Options{Ping: func(context.Context) error { return nil },
+		Upstreams: map[string]*upstream.Client{"up.test": up},
+		Stats: func(context.Context) (admin.StoreStats, error) {
+			return admin.StoreStats{Bytes: 4096, BudgetBytes: 1 << 30, PinnedBytes: 100, Counts: cache.Counts{Blobs: 3, Tags: 2}}, nil
+		},
+		Purge: func(_ context.Context, ref string) (admin.PurgeResult, error) {
+			purged = append(purged, ref)
+			switch ref {
+			case "ci/app":
+				return admin.PurgeResult{}, fmt.Errorf("%w: hosted", admin.ErrRefused)
+			case "bad@":
+				return admin.PurgeResult{}, fmt.Errorf("%w: digest", admin.ErrInvalid)
+			case "broken":
+				return admin.PurgeResult{}, errors.New("disk on fire")
+			}
+			return admin.PurgeResult{Upstream: "up.test", Repository: "app", Dropped: cache.Purged{Tags: 2, Blobs: 5}}, nil
+		},
+		Pins: func(context.Context) ([]admin.Pin, error) { return pins, nil },
+	})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	call := func(method, path, body string) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest(method, srv.URL+path, strings.NewReader(body))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if ct := resp.Header.Get("Content-Type"); ct != "application/json" && resp.StatusCode != http.StatusMethodNotAllowed {
+			t.Fatalf("%s %s: Content-Type %q", method, path, ct)
+		}
+		return resp.StatusCode, string(b)
+	}
+
+	st, body := call("GET", "/stats", "")
+	var stats admin.Stats
+	if err := json.Unmarshal([]byte(body), &stats); err != nil || st != 200 || stats.Store.Bytes != 4096 || stats.Store.Counts.Blobs != 3 ||
+		stats.Upstreams["up.test"].State != "up" {
+		t.Fatalf("stats: %d %s", st, body)
+	}
+
+	tests := []struct {
+		name, path, body string
+		status           int
+		want             string
+	}{
+		{"query", "/purge?ref=up.test%2Fapp", "", 200, `"blobs": 5`},
+		{"json body", "/purge", `{"ref":"up.test/app"}`, 200, `"ref": "up.test/app"`},
+		{"hosted", "/purge?ref=ci/app", "", 409, `"error": "admin: refused: hosted"`},
+		{"invalid", "/purge?ref=bad@", "", 400, "digest"},
+		{"failure", "/purge?ref=broken", "", 500, "disk on fire"},
+		{"no ref", "/purge", "", 400, "name a tag or a repository"},
+		{"bad body", "/purge", "{", 400, "body"},
+	}
+	for _, tc := range tests {
+		if st, body := call("POST", tc.path, tc.body); st != tc.status || !strings.Contains(body, tc.want) {
+			t.Errorf("%s: %d %s", tc.name, st, body)
+		}
+	}
+	if strings.Join(purged, ",") != "up.test/app,up.test/app,ci/app,bad@,broken" {
+		t.Fatalf("purged %v", purged)
+	}
+	if st, _ := call("GET", "/purge?ref=x", ""); st != http.StatusMethodNotAllowed {
+		t.Fatalf("GET /purge: %d", st)
+	}
+
+	if st, body := call("GET", "/pins", ""); st != 200 || !strings.Contains(body, `"pins": []`) {
+		t.Fatalf("no pins: %d %s", st, body)
+	}
+	pins = []admin.Pin{{Ref: "up.test/app:v1", Source: "config", Repository: "app", Tag: "v1", Digest: "sha256:abc"}}
+	if st, body := call("GET", "/pins", ""); st != 200 || !strings.Contains(body, `"source": "config"`) || strings.Contains(body, `"at"`) {
+		t.Fatalf("pins: %d %s", st, body)
+	}
+}

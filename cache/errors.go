@@ -14,3 +14,7 @@ var (
 	// being read), or the filesystem is full (ENOSPC).
 	ErrFull = errors.New("cache: store full")
 )
+
+// ErrHosted is returned for a purge of a hosted repository: its content
+// is data, never purged.
+var ErrHosted = errors.New("cache: a hosted repository's content is data, never purged")

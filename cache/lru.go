@@ -262,3 +262,52 @@ func (c *LRU) CommitImport(ctx context.Context, im *Import) error {
 	}
 	return err
 }
+
+var (
+	_ Purger  = (*LRU)(nil)
+	_ Counter = (*LRU)(nil)
+)
+
+// PurgeTag implements Purger when the store does; the tag leaves memory
+// under the write lock, as for any write.
+func (c *LRU) PurgeTag(ctx context.Context, k TagKey) (Purged, error) {
+	pg, ok := c.Store.(Purger)
+	if !ok {
+		return Purged{}, errors.New("cache: the store cannot purge")
+	}
+	var p Purged
+	err := c.tags.write(k, nil, func() error {
+		var err error
+		p, err = pg.PurgeTag(ctx, k)
+		return err
+	})
+	return p, err
+}
+
+// PurgeRepo implements Purger when the store does. The repository's tags
+// and links leave memory under the write locks, after the store's purge,
+// so no miss that read the store before it puts an old answer back.
+// Manifests and blob sizes are kept by digest: a repository serves them
+// only through a link.
+func (c *LRU) PurgeRepo(ctx context.Context, k RepoKey) (Purged, error) {
+	pg, ok := c.Store.(Purger)
+	if !ok {
+		return Purged{}, errors.New("cache: the store cannot purge")
+	}
+	c.tags.mu.Lock()
+	defer c.tags.mu.Unlock()
+	c.links.mu.Lock()
+	defer c.links.mu.Unlock()
+	p, err := pg.PurgeRepo(ctx, k)
+	c.tags.l.RemoveFunc(func(t TagKey) bool { return t.Upstream == k.Upstream && t.Repo == k.Repo })
+	c.links.l.RemoveFunc(func(l linkRef) bool { return l.repo == k })
+	return p, err
+}
+
+// Count implements Counter when the store does.
+func (c *LRU) Count(ctx context.Context) (Counts, error) {
+	if n, ok := c.Store.(Counter); ok {
+		return n.Count(ctx)
+	}
+	return Counts{}, errors.New("cache: the store cannot count")
+}

@@ -215,7 +215,30 @@ func (s *Server) syncOnce(ctx context.Context, c *upstream.Client, y *syncRule) 
 // syncedRoots are the manifests the sync rules keep, from the tags the
 // store holds: the rules' picks among them.
 func (s *Server) syncedRoots(ctx context.Context) (map[cache.RepoKey][]string, error) {
+	picks, err := s.syncPicks(ctx)
+	if err != nil {
+		return nil, err
+	}
 	out := map[cache.RepoKey][]string{}
+	for _, p := range picks {
+		for _, d := range []string{p.tag.Digest.String(), p.tag.Pending.String()} {
+			if d != "" {
+				out[p.rule.key] = append(out[p.rule.key], d)
+			}
+		}
+	}
+	return out, nil
+}
+
+// syncPick is a tag a sync rule keeps.
+type syncPick struct {
+	rule *syncRule
+	tag  cache.Tag
+}
+
+// syncPicks are the tags the sync rules keep among those the store holds.
+func (s *Server) syncPicks(ctx context.Context) ([]syncPick, error) {
+	var out []syncPick
 	for i := range s.syncRules {
 		y := &s.syncRules[i]
 		stored, err := s.store.ListTags(ctx, y.key.Upstream, y.key.Repo)
@@ -229,12 +252,7 @@ func (s *Server) syncedRoots(ctx context.Context) (map[cache.RepoKey][]string, e
 			byName[t.Name] = t
 		}
 		for _, n := range y.pick(names) {
-			t := byName[n]
-			for _, d := range []string{t.Digest.String(), t.Pending.String()} {
-				if d != "" {
-					out[y.key] = append(out[y.key], d)
-				}
-			}
+			out = append(out, syncPick{rule: y, tag: byName[n]})
 		}
 	}
 	return out, nil

@@ -26,6 +26,7 @@ Usage:
   ocimirror prefetch REF...  warm a running mirror: images, platforms, blobs, referrers
   ocimirror export REF...    write images, with their referrers, to a bundle (an OCI layout tar)
   ocimirror import BUNDLE    load a bundle into a mirror, running or stopped
+  ocimirror admin VERB       ask a running mirror: stats, purge REF, pins
   ocimirror version          print the version
   ocimirror help [command]   show help
 
@@ -57,6 +58,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return runExport(ctx, rest, stdout, stderr)
 	case "import":
 		return runImport(ctx, rest, stdout, stderr)
+	case "admin":
+		return runAdmin(ctx, rest, stdout, stderr)
 	case "help", "-h", "-help", "--help":
 		if len(rest) > 0 && rest[0] != "help" {
 			return run(ctx, []string{rest[0], "--help"}, stdout, stderr)

@@ -252,7 +252,13 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 			return res, err
 		}
 		as = &http.Server{
-			Handler:           admin.Handler(admin.Options{Ping: badger.Ping, Upstreams: clients, Offline: cfg.Offline, Import: importBundle, Metrics: tel.handler}),
+			Handler: admin.Handler(admin.Options{Ping: badger.Ping, Upstreams: clients, Offline: cfg.Offline, Import: importBundle, Metrics: tel.handler,
+				Stats: func(ctx context.Context) (admin.StoreStats, error) {
+					return storeStats(ctx, badger, srv, cfg.Storage.MaxSize.Bytes)
+				},
+				Purge: func(ctx context.Context, ref string) (admin.PurgeResult, error) { return purge(ctx, srv, ref) },
+				Pins:  func(ctx context.Context) ([]admin.Pin, error) { return pins(ctx, srv) },
+			}),
 			ReadHeaderTimeout: 10 * time.Second,
 			ErrorLog:          log.New(slogWriter{logger}, "", 0),
 		}
@@ -336,4 +342,52 @@ type slogWriter struct{ l *slog.Logger }
 func (w slogWriter) Write(p []byte) (int, error) {
 	w.l.Warn("http server", "msg", string(p[:len(p)-min(len(p), 1)]))
 	return len(p), nil
+}
+
+// storeStats are the store's figures for the admin listener.
+func storeStats(ctx context.Context, b *cache.Badger, srv *proxy.Server, budget int64) (admin.StoreStats, error) {
+	st := admin.StoreStats{Bytes: b.Usage(), BudgetBytes: budget}
+	var err error
+	if st.PinnedBytes, err = srv.PinnedBytes(ctx); err != nil {
+		return st, fmt.Errorf("pinned bytes: %w", err)
+	}
+	if st.Counts, err = b.Count(ctx); err != nil {
+		return st, fmt.Errorf("counting the store: %w", err)
+	}
+	return st, nil
+}
+
+// purge runs a purge for the admin listener, its errors marked for it.
+func purge(ctx context.Context, srv *proxy.Server, ref string) (admin.PurgeResult, error) {
+	r, err := srv.Purge(ctx, ref)
+	switch {
+	case errors.Is(err, proxy.ErrPurgeInvalid):
+		return admin.PurgeResult{}, marked{err, admin.ErrInvalid}
+	case errors.Is(err, proxy.ErrPurgeHosted):
+		return admin.PurgeResult{}, marked{err, admin.ErrRefused}
+	case err != nil:
+		return admin.PurgeResult{}, err
+	}
+	return admin.PurgeResult{Upstream: r.Upstream, Repository: r.Repository, Tag: r.Tag, Dropped: r.Dropped}, nil
+}
+
+// marked is err, also matching mark (for the admin listener's status),
+// with err's message alone.
+type marked struct{ err, mark error }
+
+func (m marked) Error() string   { return m.err.Error() }
+func (m marked) Unwrap() []error { return []error{m.err, m.mark} }
+
+// pins lists the pins for the admin listener.
+func pins(ctx context.Context, srv *proxy.Server) ([]admin.Pin, error) {
+	ps, err := srv.Pins(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]admin.Pin, 0, len(ps))
+	for _, p := range ps {
+		out = append(out, admin.Pin{Ref: p.Ref, Source: p.Source, Upstream: p.Upstream, Repository: p.Repository,
+			Tag: p.Tag, Digest: p.Digest.String(), At: p.At})
+	}
+	return out, nil
 }

@@ -77,3 +77,18 @@ func (c *Sized[K, V]) Len() int {
 	defer c.mu.Unlock()
 	return c.l.Len()
 }
+
+// RemoveFunc drops every entry whose key f picks, and returns how many
+// went. It walks what is held (bounded by the budget), under the lock.
+func (c *Sized[K, V]) RemoveFunc(f func(K) bool) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, k := range c.l.Keys() {
+		if f(k) {
+			c.l.Remove(k)
+			n++
+		}
+	}
+	return n
+}

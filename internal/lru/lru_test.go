@@ -53,3 +53,16 @@ func TestSized_CountBound(t *testing.T) {
 		t.Fatalf("%d entries, %d bytes", c.Len(), c.Bytes())
 	}
 }
+
+func TestSized_RemoveFunc(t *testing.T) {
+	c := New[string, []byte](1000, 0, byLen)
+	for _, k := range []string{"a/1", "a/2", "b/1"} {
+		c.Add(k, []byte("xy"))
+	}
+	if n := c.RemoveFunc(func(k string) bool { return k[0] == 'a' }); n != 2 {
+		t.Fatalf("removed %d, want 2", n)
+	}
+	if _, ok := c.Get("b/1"); !ok || c.Len() != 1 || c.Bytes() != 2 {
+		t.Fatalf("after RemoveFunc: %d entries, %d bytes", c.Len(), c.Bytes())
+	}
+}
