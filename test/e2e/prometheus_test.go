@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -202,7 +203,8 @@ func (p *prometheus) api(path string, data any) error {
 // waitScrape waits, at most 30 s, until every target has been scraped
 // again since the call, successfully, and the samples can be queried: the
 // scrape's `up` sample is stamped after the call. A target that is down
-// fails the test.
+// fails the test. The first scrape comes about 5 s after Prometheus starts
+// (it throttles target discovery updates to one each 5 s).
 func (p *prometheus) waitScrape(t *testing.T) {
 	t.Helper()
 	since := float64(time.Now().UnixMilli()) / 1000
@@ -451,7 +453,8 @@ var promSynthetic = []string{"up", "scrape_duration_seconds", "scrape_samples_sc
 //	checkExprsAgainstMetrics(t, p, exportedSeries(t, m.adminHost(t)))
 //
 // Until the metrics are on this branch, TestE2E_Observe_DeployFilesUseSpecSeries
-// runs it against the names of the specification.
+// runs it against the names of the specification, and
+// TestE2E_Observe_StandInMetrics against a stand-in /metrics.
 func checkExprsAgainstMetrics(t *testing.T, p *prometheus, names map[string]bool) {
 	t.Helper()
 	known := func(n string) bool {
@@ -894,4 +897,124 @@ func targetDatasources(p grafanaPanel) []json.RawMessage {
 		out = append(out, tg.Datasource)
 	}
 	return out
+}
+
+// fakeExposition is what ocimirror's /metrics would show after n seconds of
+// a stand-in workload, by the specification: per second 100 registry API
+// requests (10 answered 500), 100 cache requests (20 hits, 60 misses, 20
+// pass-through), 1000 bytes passed through at a store 95 % full, and an
+// upstream ghcr.io down. The rates are high because rate() over the rules'
+// 5m divides by the whole range, here mostly without samples: 100/s makes
+// about 0.7/s after 2 s, above the rules' traffic floors.
+func fakeExposition(n int) string {
+	var b strings.Builder
+	family := func(name, typ string, lines ...string) {
+		fmt.Fprintf(&b, "# HELP %s Stand-in.\n# TYPE %s %s\n", name, name, typ)
+		for _, l := range lines {
+			b.WriteString(l + "\n")
+		}
+	}
+	c := func(perSecond int) int { return perSecond * n }
+	histogram := func(name, label string) {
+		family(name, "histogram",
+			fmt.Sprintf(`%s_bucket{%s,le="0.1"} %d`, name, label, c(8)),
+			fmt.Sprintf(`%s_bucket{%s,le="1"} %d`, name, label, c(10)),
+			fmt.Sprintf(`%s_bucket{%s,le="+Inf"} %d`, name, label, c(10)),
+			fmt.Sprintf(`%s_sum{%s} %d`, name, label, c(2)),
+			fmt.Sprintf(`%s_count{%s} %d`, name, label, c(10)))
+	}
+	family("ocimirror_http_requests_total", "counter",
+		fmt.Sprintf(`ocimirror_http_requests_total{route="blob",method="GET",code="200"} %d`, c(90)),
+		fmt.Sprintf(`ocimirror_http_requests_total{route="manifest",method="GET",code="500"} %d`, c(10)))
+	histogram("ocimirror_http_request_duration_seconds", `route="blob"`)
+	family("ocimirror_cache_requests_total", "counter",
+		fmt.Sprintf(`ocimirror_cache_requests_total{kind="blob",result="hit"} %d`, c(20)),
+		fmt.Sprintf(`ocimirror_cache_requests_total{kind="blob",result="miss"} %d`, c(60)),
+		fmt.Sprintf(`ocimirror_cache_requests_total{kind="manifest",result="passthrough"} %d`, c(20)))
+	family("ocimirror_served_bytes_total", "counter",
+		fmt.Sprintf(`ocimirror_served_bytes_total{source="cache"} %d`, c(100)),
+		fmt.Sprintf(`ocimirror_served_bytes_total{source="passthrough"} %d`, c(1000)))
+	family("ocimirror_upstream_requests_total", "counter",
+		fmt.Sprintf(`ocimirror_upstream_requests_total{upstream="docker.io",method="GET",code="200"} %d`, c(4)),
+		fmt.Sprintf(`ocimirror_upstream_requests_total{upstream="ghcr.io",method="GET",code="error"} %d`, c(1)))
+	histogram("ocimirror_upstream_request_duration_seconds", `upstream="docker.io"`)
+	family("ocimirror_upstream_bytes_total", "counter", fmt.Sprintf(`ocimirror_upstream_bytes_total{upstream="docker.io"} %d`, c(1000)))
+	family("ocimirror_upstream_up", "gauge", `ocimirror_upstream_up{upstream="docker.io"} 1`, `ocimirror_upstream_up{upstream="ghcr.io"} 0`)
+	family("ocimirror_fills_in_flight", "gauge", "ocimirror_fills_in_flight 1")
+	family("ocimirror_fill_waiters", "gauge", "ocimirror_fill_waiters 3")
+	family("ocimirror_store_bytes", "gauge", "ocimirror_store_bytes 950")
+	family("ocimirror_store_budget_bytes", "gauge", "ocimirror_store_budget_bytes 1000")
+	family("ocimirror_store_pinned_bytes", "gauge", "ocimirror_store_pinned_bytes 900")
+	family("ocimirror_evictions_total", "counter", `ocimirror_evictions_total{reason="make_room"} 2`)
+	family("ocimirror_evicted_bytes_total", "counter", "ocimirror_evicted_bytes_total 200")
+	family("ocimirror_gc_deleted_bytes_total", "counter", "ocimirror_gc_deleted_bytes_total 0")
+	family("ocimirror_referrers_sources_total", "counter", fmt.Sprintf(`ocimirror_referrers_sources_total{source="api"} %d`, c(1)))
+	family("ocimirror_uploads_open", "gauge", "ocimirror_uploads_open 0")
+	family("ocimirror_build_info", "gauge", `ocimirror_build_info{version="test"} 1`)
+	family("go_goroutines", "gauge", "go_goroutines 42")
+	family("go_memstats_heap_inuse_bytes", "gauge", "go_memstats_heap_inuse_bytes 1e+07")
+	family("go_memstats_sys_bytes", "gauge", "go_memstats_sys_bytes 3e+07")
+	family("process_cpu_seconds_total", "counter", fmt.Sprintf("process_cpu_seconds_total %g", 0.1*float64(n)))
+	family("process_open_fds", "gauge", "process_open_fds 12")
+	family("process_resident_memory_bytes", "gauge", "process_resident_memory_bytes 4e+07")
+	return b.String()
+}
+
+// TestE2E_Observe_StandInMetrics runs the helpers against a real Prometheus
+// scraping a stand-in for ocimirror's /metrics (fakeExposition), until
+// ocimirror exports its own: the board's and the rules' expressions
+// evaluate on data (vector matching errors only show there), and the
+// alerts that the stand-in calls for go pending, the others not.
+func TestE2E_Observe_StandInMetrics(t *testing.T) {
+	start := time.Now()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/metrics" {
+			http.NotFound(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+		io.WriteString(w, fakeExposition(int(time.Since(start).Seconds())))
+	}))
+	defer srv.Close()
+	host := strings.TrimPrefix(srv.URL, "http://")
+	p := startPrometheus(t, host)
+	p.waitScrape(t)
+	p.waitScrape(t) // rate() needs two samples
+
+	if s := p.query(t, `ocimirror_upstream_up == 0`); len(s) != 1 || s[0].labels["upstream"] != "ghcr.io" || s[0].labels["instance"] != host {
+		t.Errorf("ocimirror_upstream_up == 0: %v, want ghcr.io on %s", s, host)
+	}
+	checkExprsAgainstMetrics(t, p, exportedSeries(t, host))
+
+	want := map[string]string{
+		"OCIMirrorTargetDown":      "inactive",
+		"OCIMirrorUpstreamDown":    "pending",
+		"OCIMirrorHitRatioLow":     "pending",
+		"OCIMirrorHitRatioDropped": "inactive", // nothing a day before
+		"OCIMirrorPassThrough":     "pending",
+		"OCIMirrorHTTP5xx":         "pending",
+	}
+	var got map[string]string
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		got = map[string]string{}
+		for _, r := range p.waitRules(t) {
+			got[r.Name] = r.State
+			if r.Health != "ok" {
+				t.Fatalf("rule %s: health %s: %s", r.Name, r.Health, r.LastError)
+			}
+		}
+		if fmt.Sprint(got) == fmt.Sprint(want) || time.Now().After(deadline) {
+			break
+		}
+	}
+	for name, state := range want {
+		if got[name] != state {
+			t.Errorf("alert %s: %q, want %q", name, got[name], state)
+		}
+	}
+	for name := range got {
+		if _, ok := want[name]; !ok {
+			t.Errorf("alert %s: not covered by this test", name)
+		}
+	}
 }
