@@ -662,8 +662,8 @@ var aggregationClauseRE = regexp.MustCompile(`^(by|without)\s*\(`)
 // nameMatcherRE finds an exact __name__ matcher in a selector's braces.
 var nameMatcherRE = regexp.MustCompile(`__name__\s*=\s*"([A-Za-z_:][A-Za-z0-9_:]*)"`)
 
-// specSeries are the metric families of issue 10's specification
-// (/work/notes/metrics-spec.md at the time of writing) with their types,
+// specSeries are the metric families of issue 10 as specified for the
+// implementation (names, types and labels agreed in advance), with their types,
 // and the Go and process series of client_golang's collectors that the
 // board uses.
 var specSeries = map[string]string{
