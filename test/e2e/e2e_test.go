@@ -64,6 +64,8 @@ var install = map[string]string{
 	"containerd":      "apt-get install -y containerd",
 	"ctr":             "apt-get install -y containerd",
 	"skopeo":          "apt-get install -y skopeo",
+	"prometheus":      "apt-get install -y prometheus",
+	"promtool":        "apt-get install -y prometheus",
 }
 
 // tool returns the path of a tool, or skips (fails in CI) when it is missing.

@@ -40,6 +40,8 @@ if [ $# -eq 0 ]; then
   command -v docker-registry >/dev/null || packages+=(docker-registry)
   command -v containerd >/dev/null || packages+=(containerd)
   command -v skopeo >/dev/null || packages+=(skopeo)
+  # prometheus and promtool: the observability tests scrape ocimirror with it.
+  command -v prometheus >/dev/null && command -v promtool >/dev/null || packages+=(prometheus)
   if [ ${#packages[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
       echo "installing Debian packages: ${packages[*]}" >&2
