@@ -37,23 +37,27 @@ const (
 // serverMetrics are the registry API's series. Every label takes its
 // value from a fixed set: never a repository, tag or digest, which a
 // client chooses.
+//
+// A request is counted with atomic adds, read by observable counters
+// when metrics are collected: an SDK counter's Add hashes its attribute
+// set and takes a lock on every call, which on a cache hit costs a
+// tenth of the request. Only the duration histogram is recorded as
+// requests finish.
 type serverMetrics struct {
-	requests   metric.Int64Counter
 	duration   metric.Float64Histogram
-	cacheReqs  metric.Int64Counter
-	served     metric.Int64Counter
 	refSources metric.Int64Counter
 	reg        metric.Registration
 
-	// The attribute sets, built once: by route; by route, method and
-	// status code (built on first use: a bounded set); by kind and
-	// result; by source.
 	byRoute     map[string]metric.RecordOption
-	reqMu       sync.RWMutex
-	byRequest   map[requestLabels]metric.AddOption
-	byCache     map[[2]string]metric.AddOption
-	bySource    map[string]metric.AddOption
 	byRefSource [3]metric.AddOption
+
+	// requests are counted by route, method and status code: a bounded
+	// set (routes x methods x codes ocimirror answers), each entry made
+	// on first use.
+	requests sync.Map // requestLabels -> *requestCount
+	// cache counts [kind][result]; served, [source].
+	cache  [len(cacheKinds)][len(cacheResults)]atomic.Int64
+	served [len(servedSources)]atomic.Int64
 
 	// Gauges read at collection.
 	fillsRunning atomic.Int64
@@ -65,33 +69,41 @@ type requestLabels struct {
 	code          int
 }
 
-// routes are the values of the route label.
-var routes = []string{"manifest", "blob", "tags", "referrers", "upload", "catalog", "base"}
+type requestCount struct {
+	n     atomic.Int64
+	attrs metric.ObserveOption
+}
+
+// The values of the route, kind, result and source labels.
+var (
+	routes        = []string{"manifest", "blob", "tags", "referrers", "upload", "catalog", "base"}
+	cacheKinds    = [...]string{"manifest", "blob", "tag", "referrers", "taglist"}
+	cacheResults  = [...]string{cacheHit, cacheMiss, cacheCoalesced, cacheRevalidated, cacheStale, cacheOfflineMiss, cachePassthrough}
+	servedSources = [...]string{"cache", "upstream", "passthrough"}
+)
 
 func newServerMetrics(m metric.Meter, s *Server) (*serverMetrics, error) {
-	sm := &serverMetrics{
-		byRoute:   map[string]metric.RecordOption{},
-		byRequest: map[requestLabels]metric.AddOption{},
-		byCache:   map[[2]string]metric.AddOption{},
-		bySource:  map[string]metric.AddOption{},
-	}
+	sm := &serverMetrics{byRoute: map[string]metric.RecordOption{}}
 	for _, r := range routes {
 		sm.byRoute[r] = metric.WithAttributeSet(attribute.NewSet(attribute.String("route", r)))
 	}
-	for _, k := range []string{"manifest", "blob", "tag", "referrers", "taglist"} {
-		for _, r := range []string{cacheHit, cacheMiss, cacheCoalesced, cacheRevalidated, cacheStale, cacheOfflineMiss, cachePassthrough} {
-			sm.byCache[[2]string{k, r}] = metric.WithAttributeSet(attribute.NewSet(attribute.String("kind", k), attribute.String("result", r)))
+	var cacheAttrs [len(cacheKinds)][len(cacheResults)]metric.ObserveOption
+	for k, kind := range cacheKinds {
+		for r, result := range cacheResults {
+			cacheAttrs[k][r] = metric.WithAttributeSet(attribute.NewSet(attribute.String("kind", kind), attribute.String("result", result)))
 		}
 	}
-	for _, src := range []string{"cache", "upstream", "passthrough"} {
-		sm.bySource[src] = metric.WithAttributeSet(attribute.NewSet(attribute.String("source", src)))
+	var servedAttrs [len(servedSources)]metric.ObserveOption
+	for i, src := range servedSources {
+		servedAttrs[i] = metric.WithAttributeSet(attribute.NewSet(attribute.String("source", src)))
 	}
 	for i, src := range []string{"api", "fallback_tag", "local"} {
 		sm.byRefSource[i] = metric.WithAttributeSet(attribute.NewSet(attribute.String("source", src)))
 	}
 	var err error
-	if sm.requests, err = m.Int64Counter("ocimirror_http_requests_total",
-		metric.WithDescription("Registry API requests answered, by route, method and status code.")); err != nil {
+	requests, err := m.Int64ObservableCounter("ocimirror_http_requests_total",
+		metric.WithDescription("Registry API requests answered, by route, method and status code."))
+	if err != nil {
 		return nil, err
 	}
 	if sm.duration, err = m.Float64Histogram("ocimirror_http_request_duration_seconds", metric.WithUnit("s"),
@@ -99,12 +111,14 @@ func newServerMetrics(m metric.Meter, s *Server) (*serverMetrics, error) {
 		metric.WithExplicitBucketBoundaries(upstream.DurationBuckets...)); err != nil {
 		return nil, err
 	}
-	if sm.cacheReqs, err = m.Int64Counter("ocimirror_cache_requests_total",
-		metric.WithDescription("Requests for mirrored content, by kind (manifest by digest, blob, tag, referrers, taglist) and how the cache answered.")); err != nil {
+	cacheReqs, err := m.Int64ObservableCounter("ocimirror_cache_requests_total",
+		metric.WithDescription("Requests for mirrored content, by kind (manifest by digest, blob, tag, referrers, taglist) and how the cache answered."))
+	if err != nil {
 		return nil, err
 	}
-	if sm.served, err = m.Int64Counter("ocimirror_served_bytes_total", metric.WithUnit("By"),
-		metric.WithDescription("Response body bytes of manifests, blobs, tag lists and referrers served, by source: cache (the store), upstream (fetched for the request, or streamed during a fill), passthrough (streamed past a full store).")); err != nil {
+	served, err := m.Int64ObservableCounter("ocimirror_served_bytes_total", metric.WithUnit("By"),
+		metric.WithDescription("Response body bytes of manifests, blobs, tag lists and referrers of mirrored repositories, by source: cache (the store), upstream (fetched for the request, or streamed during a fill), passthrough (streamed past a full store)."))
+	if err != nil {
 		return nil, err
 	}
 	if sm.refSources, err = m.Int64Counter("ocimirror_referrers_sources_total",
@@ -127,32 +141,38 @@ func newServerMetrics(m metric.Meter, s *Server) (*serverMetrics, error) {
 		return nil, err
 	}
 	sm.reg, err = m.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		sm.requests.Range(func(_, v any) bool {
+			c := v.(*requestCount)
+			o.ObserveInt64(requests, c.n.Load(), c.attrs)
+			return true
+		})
+		// Every kind and result from zero: a rate or a ratio is defined
+		// before the first miss.
+		for k := range sm.cache {
+			for r := range sm.cache[k] {
+				o.ObserveInt64(cacheReqs, sm.cache[k][r].Load(), cacheAttrs[k][r])
+			}
+		}
+		for i := range sm.served {
+			o.ObserveInt64(served, sm.served[i].Load(), servedAttrs[i])
+		}
 		o.ObserveInt64(inFlight, sm.fillsRunning.Load())
 		o.ObserveInt64(waiters, sm.fillWaiters.Load())
 		o.ObserveInt64(uploads, int64(s.uploads.open()))
 		return nil
-	}, inFlight, waiters, uploads)
+	}, requests, cacheReqs, served, inFlight, waiters, uploads)
 	return sm, err
 }
 
-// requestAttrs is the attribute set of one route, method and code.
-func (sm *serverMetrics) requestAttrs(route, method string, code int) metric.AddOption {
+// countRequest adds a request to its route, method and code.
+func (sm *serverMetrics) countRequest(route, method string, code int) {
 	k := requestLabels{route, method, code}
-	sm.reqMu.RLock()
-	o, ok := sm.byRequest[k]
-	sm.reqMu.RUnlock()
-	if ok {
-		return o
+	v, ok := sm.requests.Load(k)
+	if !ok {
+		v, _ = sm.requests.LoadOrStore(k, &requestCount{attrs: metric.WithAttributeSet(attribute.NewSet(
+			attribute.String("route", route), attribute.String("method", method), attribute.String("code", strconv.Itoa(code))))})
 	}
-	sm.reqMu.Lock()
-	defer sm.reqMu.Unlock()
-	if o, ok := sm.byRequest[k]; ok {
-		return o
-	}
-	o = metric.WithAttributeSet(attribute.NewSet(attribute.String("route", route), attribute.String("method", method),
-		attribute.String("code", strconv.Itoa(code))))
-	sm.byRequest[k] = o
-	return o
+	v.(*requestCount).n.Add(1)
 }
 
 // record counts a finished request.
@@ -161,13 +181,13 @@ func (sm *serverMetrics) record(ctx context.Context, r *http.Request, q *request
 	if status < 100 || status > 599 {
 		status = 0
 	}
-	sm.requests.Add(ctx, 1, sm.requestAttrs(route, methodLabel(r.Method), status))
+	sm.countRequest(route, methodLabel(r.Method), status)
 	sm.duration.Record(ctx, seconds, sm.byRoute[route])
 	if q.up == nil || (r.Method != http.MethodGet && r.Method != http.MethodHead) {
 		return // hosted content, and writes, are not the cache's
 	}
-	kind := cacheKind(q)
-	if kind == "" {
+	kind := cacheKindIndex(q)
+	if kind < 0 {
 		return
 	}
 	result := q.cache
@@ -179,19 +199,30 @@ func (sm *serverMetrics) record(ctx context.Context, r *http.Request, q *request
 			result = cacheMiss
 		}
 	}
-	if o, ok := sm.byCache[[2]string{kind, result}]; ok {
-		sm.cacheReqs.Add(ctx, 1, o)
+	res := cacheResultIndex(result)
+	if res < 0 {
+		return
 	}
+	sm.cache[kind][res].Add(1)
 	if bytes > 0 && status >= 200 && status < 300 {
-		src := "cache"
+		src := 0 // cache
 		switch result {
 		case cacheMiss, cacheCoalesced:
-			src = "upstream"
+			src = 1 // upstream
 		case cachePassthrough:
-			src = "passthrough"
+			src = 2
 		}
-		sm.served.Add(ctx, bytes, sm.bySource[src])
+		sm.served[src].Add(bytes)
 	}
+}
+
+func cacheResultIndex(r string) int {
+	for i, v := range cacheResults {
+		if v == r {
+			return i
+		}
+	}
+	return -1
 }
 
 // referrerSources counts the sources an answer drew on.
@@ -211,29 +242,30 @@ func fromUpstream(err error) bool {
 	return errors.Is(err, upstream.ErrNotFound) || errors.Is(err, upstream.ErrDenied) || upstream.Transient(err)
 }
 
-// cacheKind is what a request of a mirrored repository asked the cache
-// for: a manifest by digest, a tag, a blob, referrers or a tag list.
-func cacheKind(q *request) string {
+// cacheKindIndex is what a request of a mirrored repository asked the
+// cache for, as an index of cacheKinds: a manifest by digest, a blob, a
+// tag, referrers or a tag list; -1 for none (a malformed request).
+func cacheKindIndex(q *request) int {
 	switch q.op {
 	case "manifest":
 		if q.dgst != "" {
-			return "manifest"
+			return 0
 		}
 		if q.ref != "" {
-			return "tag"
+			return 2
 		}
 	case "blob":
 		if q.dgst != "" {
-			return "blob"
+			return 1
 		}
 	case "referrers":
 		if q.dgst != "" {
-			return "referrers"
+			return 3
 		}
 	case "tags":
-		return "taglist"
+		return 4
 	}
-	return ""
+	return -1
 }
 
 // routeLabel is the route label of a request: its endpoint, catalog for
