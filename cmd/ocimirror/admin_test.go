@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ocimirror/ocimirror/admin"
 	"github.com/ocimirror/ocimirror/internal/registrytest"
@@ -27,6 +29,8 @@ func TestRun_Admin(t *testing.T) {
 	if err := os.WriteFile(cfg, []byte("storage:\n  pin: [\""+reg.Host+"/team/app:v1\"]\nhosted: [\"ci/\"]\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	defer func(d time.Duration) { pinnedRefresh = d }(pinnedRefresh) // after the server stops
+	pinnedRefresh = 0                                                   // every scrape asks for a new figure
 	addr, log, _ := serveLogged(t, "--config", cfg, "--data", t.TempDir(), "--upstream", reg.Host+"="+reg.URL, "--default-upstream", reg.Host)
 	m := adminRE.FindStringSubmatch(log.String())
 	if m == nil {
@@ -60,6 +64,19 @@ func TestRun_Admin(t *testing.T) {
 	if c := st.Store.Counts; c.Blobs != 1 || c.Manifests != 1 || c.Tags != 1 || c.Repositories != 1 ||
 		st.Store.PinnedBytes != int64(len(img.Manifest)+5000) || st.Store.Bytes <= 5000 || st.Upstreams[reg.Host].State != "up" {
 		t.Fatalf("admin stats --json: %+v", st)
+	}
+
+	// The same figures in the metrics (the pinned bytes are measured in
+	// the background: a scrape gives the last figure).
+	pinnedLine := fmt.Sprintf("\nocimirror_store_pinned_bytes %d\n", len(img.Manifest)+5000)
+	var metrics string
+	for i := 0; i < 200 && !strings.Contains(metrics, pinnedLine); i++ {
+		time.Sleep(10 * time.Millisecond)
+		_, b := mirrorGet(t, m[1], "/metrics")
+		metrics = string(b)
+	}
+	if !strings.Contains(metrics, pinnedLine) || !strings.Contains(metrics, "\nocimirror_store_budget_bytes 0\n") {
+		t.Fatalf("/metrics: no %q in\n%s\n%s", pinnedLine, metrics, log.String())
 	}
 
 	code, out, _ = adminRun("pins", "--admin", url)

@@ -214,6 +214,11 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		return err
 	}
 	badger.SetPins(srv.Pinned)
+	stopPinned, err := tel.observePinned(srv.PinnedBytes, logger)
+	if err != nil {
+		return err
+	}
+	defer stopPinned()
 
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {

@@ -3,9 +3,11 @@ package main
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -98,4 +100,73 @@ func otlpMetricsWanted() bool {
 		return false
 	}
 	return os.Getenv("OTEL_EXPORTER_OTLP_ENDPOINT") != "" || os.Getenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") != ""
+}
+
+// pinnedRefresh is how often ocimirror_store_pinned_bytes is recomputed:
+// it walks every pinned image in the store, too much for every scrape.
+var pinnedRefresh = time.Minute
+
+// observePinned exports ocimirror_store_pinned_bytes: the last figure of
+// pinned, recomputed in the background when a collection finds it older
+// than pinnedRefresh (a collection never waits for the walk). stop ends
+// it and waits for a walk under way: call it before the store closes.
+func (t *telemetry) observePinned(pinned func(context.Context) (int64, error), log *slog.Logger) (stop func(), err error) {
+	m := t.provider.Meter("github.com/ocimirror/ocimirror/cmd")
+	g, err := m.Int64ObservableGauge("ocimirror_store_pinned_bytes", metric.WithUnit("By"),
+		metric.WithDescription("Size of what the pins keep from eviction (storage.pin, sync, imports), recomputed at most once a minute."))
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var (
+		mu      sync.Mutex
+		wg      sync.WaitGroup
+		value   int64
+		at      time.Time
+		running bool
+	)
+	refresh := func() {
+		defer wg.Done()
+		rctx, cancel := context.WithTimeout(ctx, time.Minute)
+		defer cancel()
+		n, err := pinned(rctx)
+		mu.Lock()
+		defer mu.Unlock()
+		running, at = false, time.Now()
+		if err != nil {
+			log.Warn("measuring what the pins keep", "err", err)
+			return
+		}
+		value = n
+	}
+	start := func() { // with mu held
+		if !running && ctx.Err() == nil {
+			running = true
+			wg.Add(1)
+			go refresh()
+		}
+	}
+	reg, err := m.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if time.Since(at) >= pinnedRefresh {
+			start()
+		}
+		o.ObserveInt64(g, value)
+		return nil
+	}, g)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	mu.Lock()
+	start() // a figure before the first scrape
+	mu.Unlock()
+	return func() {
+		_ = reg.Unregister()
+		mu.Lock()
+		cancel()
+		mu.Unlock()
+		wg.Wait()
+	}, nil
 }
