@@ -56,7 +56,7 @@ func (s *Badger) CollectGarbage(ctx context.Context, grace time.Duration, dry bo
 		err = s.unheldContent(ctx, cutoff, dry, &c)
 	}
 	if !dry && c.Bytes > 0 {
-		s.metrics.gcDeleted.Add(context.Background(), c.Bytes)
+		s.metrics.gcDeleted.Add(c.Bytes)
 	}
 	return c, err
 }

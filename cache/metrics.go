@@ -2,6 +2,7 @@ package cache
 
 import (
 	"context"
+	"sync/atomic"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
@@ -18,35 +19,40 @@ const (
 )
 
 // storeMetrics are the store's series: its size against its budget, and
-// what eviction and collection removed.
+// what eviction and collection removed. The counters are atomics read at
+// collection, so that each is exported from zero.
 type storeMetrics struct {
-	evictions metric.Int64Counter
-	evicted   metric.Int64Counter
-	gcDeleted metric.Int64Counter
-	reasons   map[string]metric.AddOption
+	evictions [len(evictReasons)]atomic.Int64
+	evicted   atomic.Int64
+	gcDeleted atomic.Int64
 	reg       metric.Registration
 }
+
+var evictReasons = [...]string{evictHighWatermark, evictMinFree, evictMakeRoom}
 
 func newStoreMetrics(mp metric.MeterProvider, s *Badger) (*storeMetrics, error) {
 	if mp == nil {
 		mp = metricnoop.NewMeterProvider()
 	}
 	m := mp.Meter("github.com/ocimirror/ocimirror/cache")
-	sm := &storeMetrics{reasons: map[string]metric.AddOption{}}
-	for _, r := range []string{evictHighWatermark, evictMinFree, evictMakeRoom} {
-		sm.reasons[r] = metric.WithAttributeSet(attribute.NewSet(attribute.String("reason", r)))
+	sm := &storeMetrics{}
+	var byReason [len(evictReasons)]metric.ObserveOption
+	for i, r := range evictReasons {
+		byReason[i] = metric.WithAttributeSet(attribute.NewSet(attribute.String("reason", r)))
 	}
-	var err error
-	if sm.evictions, err = m.Int64Counter("ocimirror_evictions_total",
-		metric.WithDescription("Cached blobs and manifests evicted, by why the pass ran (high_watermark, min_free, make_room).")); err != nil {
+	evictions, err := m.Int64ObservableCounter("ocimirror_evictions_total",
+		metric.WithDescription("Cached blobs and manifests evicted, by why the pass ran (high_watermark, min_free, make_room)."))
+	if err != nil {
 		return nil, err
 	}
-	if sm.evicted, err = m.Int64Counter("ocimirror_evicted_bytes_total", metric.WithUnit("By"),
-		metric.WithDescription("Disk space freed by eviction.")); err != nil {
+	evicted, err := m.Int64ObservableCounter("ocimirror_evicted_bytes_total", metric.WithUnit("By"),
+		metric.WithDescription("Disk space freed by eviction."))
+	if err != nil {
 		return nil, err
 	}
-	if sm.gcDeleted, err = m.Int64Counter("ocimirror_gc_deleted_bytes_total", metric.WithUnit("By"),
-		metric.WithDescription("Bytes of unreferenced data deleted by garbage collection.")); err != nil {
+	gcDeleted, err := m.Int64ObservableCounter("ocimirror_gc_deleted_bytes_total", metric.WithUnit("By"),
+		metric.WithDescription("Bytes of unreferenced data deleted by garbage collection."))
+	if err != nil {
 		return nil, err
 	}
 	size, err := m.Int64ObservableGauge("ocimirror_store_bytes", metric.WithUnit("By"),
@@ -60,21 +66,26 @@ func newStoreMetrics(mp metric.MeterProvider, s *Badger) (*storeMetrics, error) 
 		return nil, err
 	}
 	sm.reg, err = m.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		for i := range sm.evictions {
+			o.ObserveInt64(evictions, sm.evictions[i].Load(), byReason[i])
+		}
+		o.ObserveInt64(evicted, sm.evicted.Load())
+		o.ObserveInt64(gcDeleted, sm.gcDeleted.Load())
 		o.ObserveInt64(size, s.Usage())
 		o.ObserveInt64(budget, max(s.limits.MaxSize, 0))
 		return nil
-	}, size, budget)
+	}, evictions, evicted, gcDeleted, size, budget)
 	return sm, err
 }
 
 // evictedBy counts what a pass evicted.
 func (sm *storeMetrics) evictedBy(reason string, ev Evicted) {
-	if ev.Bytes == 0 && ev.Blobs+ev.Manifests == 0 {
-		return
+	for i, r := range evictReasons {
+		if r == reason {
+			sm.evictions[i].Add(int64(ev.Blobs + ev.Manifests))
+		}
 	}
-	ctx := context.Background()
-	sm.evictions.Add(ctx, int64(ev.Blobs+ev.Manifests), sm.reasons[reason])
-	sm.evicted.Add(ctx, ev.Bytes)
+	sm.evicted.Add(ev.Bytes)
 }
 
 func (sm *storeMetrics) close() {

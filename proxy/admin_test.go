@@ -129,7 +129,7 @@ func TestProxy_Purge_UpstreamDown(t *testing.T) {
 	if r.status != http.StatusBadGateway || errorCode(t, r.body) != "UNAVAILABLE" {
 		t.Fatalf("after the purge: %d %s", r.status, r.body)
 	}
-	r = e.get("/v2/app/blobs/"+img.LayerDigests[0].String())
+	r = e.get("/v2/app/blobs/" + img.LayerDigests[0].String())
 	if r.status != http.StatusBadGateway {
 		t.Fatalf("blob after the purge: %d %s", r.status, r.body)
 	}

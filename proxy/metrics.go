@@ -41,23 +41,22 @@ const (
 // A request is counted with atomic adds, read by observable counters
 // when metrics are collected: an SDK counter's Add hashes its attribute
 // set and takes a lock on every call, which on a cache hit costs a
-// tenth of the request. Only the duration histogram is recorded as
-// requests finish.
+// tenth of the request; and every fixed label set is exported from zero.
+// Only the duration histogram is recorded as requests finish.
 type serverMetrics struct {
-	duration   metric.Float64Histogram
-	refSources metric.Int64Counter
-	reg        metric.Registration
+	duration metric.Float64Histogram
+	reg      metric.Registration
 
-	byRoute     map[string]metric.RecordOption
-	byRefSource [3]metric.AddOption
+	byRoute map[string]metric.RecordOption
 
 	// requests are counted by route, method and status code: a bounded
 	// set (routes x methods x codes ocimirror answers), each entry made
 	// on first use.
 	requests sync.Map // requestLabels -> *requestCount
 	// cache counts [kind][result]; served, [source].
-	cache  [len(cacheKinds)][len(cacheResults)]atomic.Int64
-	served [len(servedSources)]atomic.Int64
+	cache      [len(cacheKinds)][len(cacheResults)]atomic.Int64
+	served     [len(servedSources)]atomic.Int64
+	refSources [len(refSources)]atomic.Int64
 
 	// Gauges read at collection.
 	fillsRunning atomic.Int64
@@ -80,6 +79,7 @@ var (
 	cacheKinds    = [...]string{"manifest", "blob", "tag", "referrers", "taglist"}
 	cacheResults  = [...]string{cacheHit, cacheMiss, cacheCoalesced, cacheRevalidated, cacheStale, cacheOfflineMiss, cachePassthrough}
 	servedSources = [...]string{"cache", "upstream", "passthrough"}
+	refSources    = [...]string{"api", "fallback_tag", "local"} // the order of the refSource* bits
 )
 
 func newServerMetrics(m metric.Meter, s *Server) (*serverMetrics, error) {
@@ -97,8 +97,9 @@ func newServerMetrics(m metric.Meter, s *Server) (*serverMetrics, error) {
 	for i, src := range servedSources {
 		servedAttrs[i] = metric.WithAttributeSet(attribute.NewSet(attribute.String("source", src)))
 	}
-	for i, src := range []string{"api", "fallback_tag", "local"} {
-		sm.byRefSource[i] = metric.WithAttributeSet(attribute.NewSet(attribute.String("source", src)))
+	var refAttrs [len(refSources)]metric.ObserveOption
+	for i, src := range refSources {
+		refAttrs[i] = metric.WithAttributeSet(attribute.NewSet(attribute.String("source", src)))
 	}
 	var err error
 	requests, err := m.Int64ObservableCounter("ocimirror_http_requests_total",
@@ -121,8 +122,9 @@ func newServerMetrics(m metric.Meter, s *Server) (*serverMetrics, error) {
 	if err != nil {
 		return nil, err
 	}
-	if sm.refSources, err = m.Int64Counter("ocimirror_referrers_sources_total",
-		metric.WithDescription("Referrers answers of mirrored repositories that drew on each source: the upstream's referrers API, its fallback tag, the index ocimirror keeps.")); err != nil {
+	refSrc, err := m.Int64ObservableCounter("ocimirror_referrers_sources_total",
+		metric.WithDescription("Referrers answers of mirrored repositories that drew on each source: the upstream's referrers API, its fallback tag, the index ocimirror keeps."))
+	if err != nil {
 		return nil, err
 	}
 	inFlight, err := m.Int64ObservableGauge("ocimirror_fills_in_flight",
@@ -156,11 +158,14 @@ func newServerMetrics(m metric.Meter, s *Server) (*serverMetrics, error) {
 		for i := range sm.served {
 			o.ObserveInt64(served, sm.served[i].Load(), servedAttrs[i])
 		}
+		for i := range sm.refSources {
+			o.ObserveInt64(refSrc, sm.refSources[i].Load(), refAttrs[i])
+		}
 		o.ObserveInt64(inFlight, sm.fillsRunning.Load())
 		o.ObserveInt64(waiters, sm.fillWaiters.Load())
 		o.ObserveInt64(uploads, int64(s.uploads.open()))
 		return nil
-	}, requests, cacheReqs, served, inFlight, waiters, uploads)
+	}, requests, cacheReqs, served, refSrc, inFlight, waiters, uploads)
 	return sm, err
 }
 
@@ -226,10 +231,10 @@ func cacheResultIndex(r string) int {
 }
 
 // referrerSources counts the sources an answer drew on.
-func (sm *serverMetrics) referrerSources(ctx context.Context, sources uint8) {
-	for i := range sm.byRefSource {
+func (sm *serverMetrics) referrerSources(sources uint8) {
+	for i := range sm.refSources {
 		if sources&(1<<i) != 0 {
-			sm.refSources.Add(ctx, 1, sm.byRefSource[i])
+			sm.refSources[i].Add(1)
 		}
 	}
 }

@@ -86,6 +86,19 @@ func TestProxy_Metrics_CacheAndUpstream(t *testing.T) {
 	e.get("/v2/app/manifests/" + img.Digest.String())
 	m.Want("ocimirror_cache_requests_total", 1, "kind=manifest", "result=hit")
 
+	// Referrers: named by the upstream's fallback tag (no API), then also
+	// found in the index ocimirror keeps.
+	sig := reg.PushArtifact(t, "app", img.Descriptor(), "application/vnd.example.sig", nil)
+	reg.PushFallbackIndex(t, "app", img.Digest, sig)
+	for i := range 2 {
+		if _, ds := e.referrersOf("/v2/app/referrers/" + img.Digest.String()); len(ds) != 1 || ds[0].Digest != sig.Digest {
+			t.Fatalf("referrers %d: %v", i, ds)
+		}
+	}
+	m.Want("ocimirror_referrers_sources_total", 2, "source=fallback_tag")
+	m.Want("ocimirror_referrers_sources_total", 1, "source=local")
+	m.Want("ocimirror_referrers_sources_total", 0, "source=api")
+
 	// The upstream fails: the tag is answered stale, a new one is a miss
 	// (502), and both upstream answers are counted by code.
 	reg.Intercept(func(w http.ResponseWriter, r *http.Request) bool {

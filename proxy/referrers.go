@@ -81,7 +81,7 @@ func (s *Server) referrers(w http.ResponseWriter, r *http.Request, q *request) e
 		return err
 	}
 	if q.up != nil {
-		s.metrics.referrerSources(r.Context(), ans.sources)
+		s.metrics.referrerSources(ans.sources)
 	}
 	ds := referrers.Merge(ans.descriptors)
 	query := r.URL.Query()
