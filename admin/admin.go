@@ -1,5 +1,5 @@
 // Package admin is the admin listener: health, readiness, bundle imports,
-// store statistics, purges and pins (and later metrics). It is served on
+// store statistics, purges, pins and the Prometheus metrics. It is served on
 // its own address, never with the registry API: whoever reaches it can
 // change what the mirror holds.
 package admin

@@ -30,7 +30,7 @@ func TestRun_Admin(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func(d time.Duration) { pinnedRefresh = d }(pinnedRefresh) // after the server stops
-	pinnedRefresh = 0                                                   // every scrape asks for a new figure
+	pinnedRefresh = 0                                                // every scrape asks for a new figure
 	addr, log, _ := serveLogged(t, "--config", cfg, "--data", t.TempDir(), "--upstream", reg.Host+"="+reg.URL, "--default-upstream", reg.Host)
 	m := adminRE.FindStringSubmatch(log.String())
 	if m == nil {

@@ -53,7 +53,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		logLevel   = fs.String("log-level", "", "log `level`: debug, info, warn or error (default \"info\")")
 		readOnly   = fs.Bool("read-only", false, "refuse every push and delete (405)")
 		offline    = fs.Bool("offline", false, "send nothing to any upstream: answer from the cache only")
-		adminAddr  = fs.String("admin-listen", "", "`address` of the admin listener (health, readiness), or off (default \"127.0.0.1:5001\")")
+		adminAddr  = fs.String("admin-listen", "", "`address` of the admin listener (health, readiness, metrics, admin commands), or off (default \"127.0.0.1:5001\")")
 		ups        upstreamFlags
 		hosted     listFlag
 	)

@@ -4,6 +4,8 @@
 #
 #   test/bench/compare.sh                        3 runs, 10 s of wrk per measure
 #   test/bench/compare.sh --runs 1 --duration 3s a quick look (CI)
+#   test/bench/compare.sh --baseline REF         also manifest hits of ocimirror
+#                                                built at git REF, same run
 #
 # Installs distribution v3 into .tools/bin and wrk (apt-get) when missing.
 set -euo pipefail

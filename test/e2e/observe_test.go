@@ -179,4 +179,3 @@ func TestE2E_Observe_Prometheus(t *testing.T) {
 		t.Logf("ocimirror's log:\n%s", tail(om.log.String(), 8000))
 	}
 }
-

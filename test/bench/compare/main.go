@@ -56,8 +56,8 @@ func main() {
 
 type options struct {
 	registry, ocimirror, wrk, layers, workdir, baseline string
-	stampede, runs                            int
-	wrkDuration                               time.Duration
+	stampede, runs                                      int
+	wrkDuration                                         time.Duration
 }
 
 const repo = "bench/app"
