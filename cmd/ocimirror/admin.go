@@ -84,11 +84,11 @@ func runAdmin(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	var body []byte
 	switch verb {
 	case "stats":
-		body, err = adminCall(ctx, http.MethodGet, u+"/stats")
+		body, err = adminCall(ctx, http.MethodGet, u+"/stats", nil, "")
 	case "pins":
-		body, err = adminCall(ctx, http.MethodGet, u+"/pins")
+		body, err = adminCall(ctx, http.MethodGet, u+"/pins", nil, "")
 	case "purge":
-		body, err = adminCall(ctx, http.MethodPost, u+"/purge?"+url.Values{"ref": {rest[0]}}.Encode())
+		body, err = adminCall(ctx, http.MethodPost, u+"/purge?"+url.Values{"ref": {rest[0]}}.Encode(), nil, "")
 	}
 	if err != nil {
 		return fail(err)
@@ -121,18 +121,25 @@ func runAdmin(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 }
 
 // adminCall makes a request of the admin listener and returns its 200
-// answer; another status is an error with the listener's message.
-func adminCall(ctx context.Context, method, u string) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, method, u, nil)
+// answer; another status is an error with the listener's message. body,
+// when not nil, is sent as contentType.
+func adminCall(ctx context.Context, method, u string, body io.Reader, contentType string) ([]byte, error) {
+	if body != nil {
+		body = io.NopCloser(body) // not rewound by net/http
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u, body)
 	if err != nil {
 		return nil, err
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return nil, err
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	answer, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 	if err != nil {
 		return nil, err
 	}
@@ -140,12 +147,12 @@ func adminCall(ctx context.Context, method, u string) ([]byte, error) {
 		var e struct {
 			Error string `json:"error"`
 		}
-		if json.Unmarshal(body, &e) == nil && e.Error != "" {
+		if json.Unmarshal(answer, &e) == nil && e.Error != "" {
 			return nil, errors.New(e.Error)
 		}
 		return nil, fmt.Errorf("%s %s: %s", method, u, resp.Status)
 	}
-	return body, nil
+	return answer, nil
 }
 
 func printStats(w io.Writer, s admin.Stats) {

@@ -4,7 +4,6 @@ import (
 	"archive/tar"
 	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -174,28 +173,9 @@ func importAdmin(ctx context.Context, base, repository string, in io.Reader) (*b
 	if repository != "" {
 		u += "?" + url.Values{"repository": {repository}}.Encode()
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, io.NopCloser(in))
+	body, err := adminCall(ctx, http.MethodPost, u, in, "application/x-tar")
 	if err != nil {
 		return nil, err
-	}
-	req.Header.Set("Content-Type", "application/x-tar")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode != http.StatusOK {
-		var e struct {
-			Error string `json:"error"`
-		}
-		if json.Unmarshal(body, &e) == nil && e.Error != "" {
-			return nil, errors.New(e.Error)
-		}
-		return nil, fmt.Errorf("POST %s: %s", u, resp.Status)
 	}
 	var res bundle.ImportResult
 	if err := json.Unmarshal(body, &res); err != nil {
