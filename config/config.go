@@ -45,6 +45,10 @@ type Config struct {
 	Offline bool `yaml:"offline"`
 	// Admin is the listener for health, readiness and administration, never exposed with the registry API.
 	Admin Admin `yaml:"admin"`
+	// Auth, when set, authenticates clients and enforces Access; unset, anyone may pull and push.
+	Auth *Auth `yaml:"auth"`
+	// Access are the rules of who may pull, push and delete what (with Auth).
+	Access []AccessRule `yaml:"access"`
 	// Sync are repositories the mirror keeps warm by itself; what it syncs is pinned.
 	Sync []Sync `yaml:"sync"`
 	// Log sets the format and level of the log on standard error.
@@ -587,7 +591,7 @@ func (c *Config) Validate() error {
 	if c.DefaultUpstream != "" && !seen[c.DefaultUpstream] {
 		return fmt.Errorf("defaultUpstream: %q is not the name of a configured upstream", c.DefaultUpstream)
 	}
-	return nil
+	return c.validateAuth()
 }
 
 func (u *Upstream) validate(field string) error {

@@ -8,6 +8,7 @@ import (
 	"github.com/gorilla/mux"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/ocimirror/ocimirror/auth"
 	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/config"
 )
@@ -37,6 +38,18 @@ type request struct {
 	// cache is how the request was served: hit, miss, coalesced, stale,
 	// revalidated; empty when the cache took no part.
 	cache string
+	// id is who made the request (with auth).
+	id auth.Identity
+}
+
+// canonicalName is the repository's name as access rules see it, however
+// the request was routed: upstream/repository for a proxied one
+// (docker.io/library/alpine), the name for a hosted one (ci/team-a/app).
+func canonicalName(up *upstreamState, name, repo string) string {
+	if up != nil {
+		return up.name + "/" + repo
+	}
+	return name
 }
 
 // key names the request's repository in the store.

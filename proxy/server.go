@@ -26,6 +26,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
 
+	"github.com/ocimirror/ocimirror/auth"
 	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/config"
 	"github.com/ocimirror/ocimirror/internal/flight"
@@ -97,6 +98,9 @@ type Options struct {
 	TracerProvider trace.TracerProvider
 	// MeterProvider receives the API's metrics (none if nil).
 	MeterProvider metric.MeterProvider
+	// Auth authenticates and authorizes every request, and serves the
+	// token endpoint (/auth/token); nil: everyone may do everything.
+	Auth *auth.Authenticator
 	// Clock is the time source (tests); time.Now if nil.
 	Clock func() time.Time
 }
@@ -125,6 +129,7 @@ type Server struct {
 	log             *slog.Logger
 	tracer          trace.Tracer
 	metrics         *serverMetrics
+	auth            *auth.Authenticator
 	now             func() time.Time
 
 	// flight coalesces manifest, tag and referrer fetches; fills
@@ -181,6 +186,7 @@ func New(o Options) (*Server, error) {
 		o.TagListBytes = defaultTagListBytes
 	}
 	s := &Server{
+		auth:     o.Auth,
 		store:    o.Store,
 		readOnly: o.ReadOnly,
 		log:      o.Logger,
@@ -302,6 +308,12 @@ func (s *Server) Handler() http.Handler {
 	r.Handle("/v2/{name:.+}/blobs/{digest}", s.handle("blob", s.writing(s.deleteBlob))).Methods(http.MethodDelete)
 	r.Handle("/v2/{name:.+}/tags/list", s.handle("tags", s.tags)).Methods(get...)
 	r.Handle("/v2/{name:.+}/referrers/{digest}", s.handle("referrers", s.referrers)).Methods(get...)
+	if s.auth != nil {
+		r.Handle("/auth/token", s.handle("token", func(w http.ResponseWriter, r *http.Request, _ *request) error {
+			s.auth.ServeToken(w, r)
+			return nil
+		})).Methods(http.MethodGet, http.MethodPost)
+	}
 	r.MethodNotAllowedHandler = s.handle("", s.unsupported)
 	r.NotFoundHandler = s.handle("", func(w http.ResponseWriter, r *http.Request, q *request) error {
 		return &Error{Code: CodeUnsupported, Status: http.StatusNotFound, Message: "no such endpoint", Detail: map[string]string{"path": r.URL.Path}}
@@ -339,6 +351,9 @@ func (s *Server) handle(op string, h handlerFunc) http.Handler {
 		}()
 		if vars := mux.Vars(r); vars["name"] != "" {
 			err = s.resolve(r, q, vars["name"])
+		}
+		if err == nil && op != "token" {
+			err = s.authorize(r, q)
 		}
 		if err == nil {
 			if q.ns != "" {
@@ -441,6 +456,16 @@ func errorBody(e *Error) []byte {
 func (s *Server) apiError(q *request, err error) *Error {
 	if e, ok := errors.AsType[*Error](err); ok {
 		return e
+	}
+	if e, ok := errors.AsType[*auth.Error](err); ok {
+		if e.Status == http.StatusForbidden {
+			return &Error{Code: CodeDenied, Message: e.Message}
+		}
+		ae := &Error{Code: CodeUnauthorized, Message: e.Message, Header: http.Header{}}
+		if e.Challenge != "" {
+			ae.Header.Set("WWW-Authenticate", e.Challenge)
+		}
+		return ae
 	}
 	detail := map[string]string{"name": q.name}
 	unknown := ErrNameUnknown

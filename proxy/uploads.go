@@ -247,7 +247,6 @@ func writeUploadState(w http.ResponseWriter, q *request, x *upload, status int) 
 // startUpload serves POST /v2/<name>/blobs/uploads/: a mount (?mount=), a
 // whole blob in one request (?digest=), or a new session.
 func (s *Server) startUpload(w http.ResponseWriter, r *http.Request, q *request) error {
-	ctx := r.Context()
 	query := r.URL.Query()
 	if m := query.Get("mount"); m != "" {
 		d, err := parseDigest(m)
@@ -255,7 +254,7 @@ func (s *Server) startUpload(w http.ResponseWriter, r *http.Request, q *request)
 			return err
 		}
 		q.dgst, q.ref = d, m
-		ok, err := s.mount(ctx, q, d, query.Get("from"))
+		ok, err := s.mount(r, q, d, query.Get("from"))
 		if err != nil {
 			return err
 		}
@@ -493,7 +492,8 @@ func writeBlobCreated(w http.ResponseWriter, q *request, d digest.Digest) error 
 // without from, or from a repository that does not hold the blob, is not
 // done: a digest alone is no proof that the client may read the bytes. It
 // returns false when the client must upload instead.
-func (s *Server) mount(ctx context.Context, q *request, d digest.Digest, from string) (bool, error) {
+func (s *Server) mount(r *http.Request, q *request, d digest.Digest, from string) (bool, error) {
+	ctx := r.Context()
 	if from == "" {
 		return false, nil
 	}
@@ -502,8 +502,8 @@ func (s *Server) mount(ctx context.Context, q *request, d digest.Digest, from st
 		nsUp = q.up
 	}
 	src, name, _, err := s.route(from, nsUp)
-	if err != nil {
-		return false, nil
+	if err != nil || !s.mayPull(r, q, from, src, name) {
+		return false, nil // the client uploads instead
 	}
 	fromUp, _ := src.(*upstreamState)
 	fromKey := cache.RepoKey{Upstream: src.storeName(), Repo: s.upstreamRepo(fromUp, name)}
