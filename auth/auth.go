@@ -33,7 +33,8 @@ type Options struct {
 	Realm string
 	// Canonical returns the names a repository name written in a token
 	// request may stand for (the routes a later request may take); the
-	// token holds an action when the rules grant it on one of them.
+	// token holds an action when the rules grant it on one of them. The
+	// registry API sets it (SetCanonical) when it is not given.
 	Canonical     func(name string) []string
 	Logger        *slog.Logger
 	MeterProvider metric.MeterProvider
@@ -91,6 +92,9 @@ func New(o Options) (*Authenticator, error) {
 	}, c)
 	return a, err
 }
+
+// SetCanonical sets Options.Canonical; call it before serving.
+func (a *Authenticator) SetCanonical(f func(name string) []string) { a.o.Canonical = f }
 
 // Identity is who made a request.
 type Identity struct {
@@ -298,10 +302,10 @@ func (a *Authenticator) ServeToken(w http.ResponseWriter, r *http.Request) {
 		tokenError(w, http.StatusInternalServerError, "server_error", "the token could not be signed")
 		return
 	}
-	now := time.Now()
+	ttl := a.o.Tokens.ttl
 	body, _ := json.Marshal(map[string]any{
 		"token": token, "access_token": token,
-		"expires_in": int(expires.Sub(now).Seconds()), "issued_at": now.UTC().Format(time.RFC3339),
+		"expires_in": int(ttl.Seconds()), "issued_at": expires.Add(-ttl).UTC().Format(time.RFC3339),
 	})
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")

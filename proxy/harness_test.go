@@ -20,6 +20,7 @@ import (
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/ocimirror/ocimirror/auth"
 	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/internal/registrytest"
 	"github.com/ocimirror/ocimirror/proxy"
@@ -68,17 +69,20 @@ type env struct {
 	defaultName string
 	tracer      trace.TracerProvider
 	meter       metric.MeterProvider
-	hosted      []string
-	readOnly    bool
-	maxUploads  int
-	perClient   int
-	uploadIdle  time.Duration
-	bodyIdle    time.Duration
-	wrapStore   func(cache.Store) cache.Store
-	lruBytes    int64
-	budget      cache.Budget
-	pins        []string
-	sync        []proxy.SyncRule
+	auth        *auth.Authenticator
+	// headers are sent with every request that does not set them (credentials).
+	headers    []string
+	hosted     []string
+	readOnly   bool
+	maxUploads int
+	perClient  int
+	uploadIdle time.Duration
+	bodyIdle   time.Duration
+	wrapStore  func(cache.Store) cache.Store
+	lruBytes   int64
+	budget     cache.Budget
+	pins       []string
+	sync       []proxy.SyncRule
 
 	badger  *cache.Badger
 	store   cache.Store
@@ -106,6 +110,7 @@ func withDir(dir string) option                           { return func(e *env) 
 func withSync(rules ...proxy.SyncRule) option             { return func(e *env) { e.sync = rules } }
 func withPins(refs ...string) option                      { return func(e *env) { e.pins = refs } }
 func withMeter(mp metric.MeterProvider) option            { return func(e *env) { e.meter = mp } }
+func withAuth(a *auth.Authenticator) option               { return func(e *env) { e.auth = a } }
 func withTracer(tp trace.TracerProvider) option {
 	return func(e *env) { e.tracer = tp }
 }
@@ -169,7 +174,7 @@ func (e *env) open() {
 	e.srv, err = proxy.New(proxy.Options{Store: e.store, Upstreams: ups, DefaultUpstream: e.defaultName,
 		Hosted: e.hosted, ReadOnly: e.readOnly, MaxUploads: e.maxUploads, MaxUploadsPerClient: e.perClient,
 		UploadIdle: e.uploadIdle, BodyIdle: e.bodyIdle, Pins: e.pins, Sync: e.sync,
-		Logger: testLogger(t), Clock: e.clock.Now, TracerProvider: e.tracer, MeterProvider: e.meter})
+		Logger: testLogger(t), Clock: e.clock.Now, TracerProvider: e.tracer, MeterProvider: e.meter, Auth: e.auth})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -229,6 +234,11 @@ func (e *env) send(method, path string, body []byte, headers ...string) response
 	for _, h := range headers {
 		k, v, _ := strings.Cut(h, ":")
 		req.Header.Add(k, strings.TrimSpace(v))
+	}
+	for _, h := range e.headers {
+		if k, v, _ := strings.Cut(h, ":"); req.Header.Get(k) == "" {
+			req.Header.Set(k, strings.TrimSpace(v))
+		}
 	}
 	resp, err := e.ts.Client().Do(req)
 	if err != nil {

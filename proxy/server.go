@@ -208,6 +208,9 @@ func New(o Options) (*Server, error) {
 		}),
 	}
 	s.hosted = &hostedSource{s: s}
+	if o.Auth != nil {
+		o.Auth.SetCanonical(s.CanonicalNames)
+	}
 	s.upstreams = map[string]*upstreamState{}
 	for _, p := range o.Hosted {
 		s.hostedPrefixes = append(s.hostedPrefixes, strings.TrimSuffix(p, "/")+"/")
