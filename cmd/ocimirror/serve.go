@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"runtime/debug"
 	"sort"
 	"strings"
@@ -24,6 +25,7 @@ import (
 	"go.opentelemetry.io/otel/trace/noop"
 
 	"github.com/ocimirror/ocimirror/admin"
+	"github.com/ocimirror/ocimirror/auth"
 	"github.com/ocimirror/ocimirror/bundle"
 	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/config"
@@ -198,6 +200,11 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		clients[c.Name()] = c
 		ups = append(ups, proxy.Upstream{Client: c, TagTTL: u.TagTTL.Duration, Forward: u.Push == config.PushForward})
 	}
+	authn, closeAuth, err := newAuthenticator(cfg, logger, tel)
+	if err != nil {
+		return err
+	}
+	defer closeAuth()
 	var syncs []proxy.SyncRule
 	for _, y := range cfg.Sync {
 		syncs = append(syncs, proxy.SyncRule{Repository: y.Repository, Tags: y.Tags, Semver: y.Semver,
@@ -207,7 +214,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		Store: store, Upstreams: ups, DefaultUpstream: cfg.DefaultUpstream,
 		Hosted: cfg.Hosted, ReadOnly: cfg.ReadOnly, Pins: cfg.Storage.Pin, Sync: syncs,
 		MaxUploads: cfg.Uploads.Max, MaxUploadsPerClient: cfg.Uploads.PerClient, UploadIdle: cfg.Uploads.Idle.Duration,
-		TagListBytes: cfg.Cache.TagListBytes.Bytes,
+		TagListBytes: cfg.Cache.TagListBytes.Bytes, Auth: authn,
 		Logger:       logger, TracerProvider: tp, MeterProvider: tel.provider,
 	})
 	if err != nil {
@@ -395,4 +402,54 @@ func pins(ctx context.Context, srv *proxy.Server) ([]admin.Pin, error) {
 			Tag: p.Tag, Digest: p.Digest.String(), At: p.At})
 	}
 	return out, nil
+}
+
+// newAuthenticator builds the client authentication of cfg.Auth: the
+// users of its htpasswd file, the access rules, and the token signing key
+// (generated in the data directory at first start unless configured).
+// Without an auth section it returns nil: everyone may pull and push.
+func newAuthenticator(cfg config.Config, logger *slog.Logger, tel *telemetry) (*auth.Authenticator, func(), error) {
+	if cfg.Auth == nil {
+		logger.Warn("no auth section: every client that reaches ocimirror may pull what its upstream credentials can read, and push to hosted repositories")
+		return nil, func() {}, nil
+	}
+	users, err := auth.LoadUsers(config.ExpandHome(cfg.Auth.Htpasswd), logger)
+	if err != nil {
+		return nil, nil, fmt.Errorf("auth.htpasswd: %w", err)
+	}
+	keyPath, create := config.ExpandHome(cfg.Auth.SigningKey), false
+	if keyPath == "" {
+		keyPath, create = filepath.Join(cfg.Storage.Path, "auth", "signing-key.pem"), true
+	}
+	key, err := auth.LoadOrCreateKey(keyPath, create)
+	if err != nil {
+		users.Close()
+		return nil, nil, err
+	}
+	a, err := auth.New(auth.Options{Users: users, Rules: auth.NewRules(cfg.Access, cfg.Auth.Groups),
+		Tokens: auth.NewTokens(key, cfg.Auth.TokenTTL.Duration, nil), Realm: cfg.Auth.Realm,
+		Logger: logger, MeterProvider: tel.provider})
+	if err != nil {
+		users.Close()
+		return nil, nil, err
+	}
+	if cfg.TLS.CertFile == "" && !loopback(cfg.Listen) {
+		logger.Warn("auth is on over plain HTTP on a non-loopback address: passwords and tokens cross the network in clear; serve TLS (tls.certFile) or put a TLS proxy in front",
+			"listen", cfg.Listen)
+	}
+	logger.Info("auth on", "rules", len(cfg.Access), "token_ttl", cfg.Auth.TokenTTL.Duration, "signing_key", keyPath)
+	return a, func() { a.Close(); users.Close() }, nil
+}
+
+// loopback reports whether a listen address only accepts local clients.
+func loopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
