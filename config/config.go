@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/url"
 	"os"
@@ -148,8 +149,16 @@ type Upstream struct {
 	// Username and Password are basic credentials, also used for token requests.
 	Username string `yaml:"username"`
 	Password string `yaml:"password"`
+	// PasswordFile is a file holding the password instead (trailing newlines trimmed).
+	PasswordFile string `yaml:"passwordFile"`
+	// PasswordEnv names an environment variable holding the password instead.
+	PasswordEnv string `yaml:"passwordEnv"`
 	// Token is a static bearer token sent with every request.
 	Token string `yaml:"token"`
+	// TokenFile is a file holding the token instead (trailing newlines trimmed).
+	TokenFile string `yaml:"tokenFile"`
+	// TokenEnv names an environment variable holding the token instead.
+	TokenEnv string `yaml:"tokenEnv"`
 	// DockerConfig is a Docker config.json to take this registry's credentials from.
 	DockerConfig string `yaml:"dockerConfig"`
 	// TLS configures how the upstream's certificate is checked.
@@ -626,11 +635,27 @@ func (u *Upstream) validate(field string) error {
 	if u.Push == "" {
 		u.Push = PushLocal
 	}
-	if u.Token != "" && (u.Username != "" || u.Password != "") {
-		return fmt.Errorf("%s.token: set either token or username/password, not both", field)
+	passwords := setFields([]string{"password", u.Password}, []string{"passwordFile", u.PasswordFile}, []string{"passwordEnv", u.PasswordEnv})
+	tokens := setFields([]string{"token", u.Token}, []string{"tokenFile", u.TokenFile}, []string{"tokenEnv", u.TokenEnv})
+	if len(passwords) > 1 {
+		return fmt.Errorf("%s.%s: set one of password, passwordFile and passwordEnv, not %s", field, passwords[1], strings.Join(passwords, " and "))
 	}
-	if u.Password != "" && u.Username == "" {
-		return fmt.Errorf("%s.username: a password is set without a username", field)
+	if len(tokens) > 1 {
+		return fmt.Errorf("%s.%s: set one of token, tokenFile and tokenEnv, not %s", field, tokens[1], strings.Join(tokens, " and "))
+	}
+	if len(tokens) > 0 && (u.Username != "" || len(passwords) > 0) {
+		return fmt.Errorf("%s.%s: set either a token or username/password, not both", field, tokens[0])
+	}
+	if len(passwords) > 0 && u.Username == "" {
+		return fmt.Errorf("%s.username: %s is set without a username", field, passwords[0])
+	}
+	if u.DockerConfig != "" && (u.PasswordFile != "" || u.PasswordEnv != "" || u.TokenFile != "" || u.TokenEnv != "") {
+		return fmt.Errorf("%s.dockerConfig: %q: the credentials come from it, so %s must not be set too", field, u.DockerConfig, append(passwords, tokens...)[0])
+	}
+	for _, e := range [][2]string{{"passwordEnv", u.PasswordEnv}, {"tokenEnv", u.TokenEnv}} {
+		if e[1] != "" && strings.ContainsAny(e[1], "= \t\x00") {
+			return fmt.Errorf("%s.%s: %q is not an environment variable name", field, e[0], e[1])
+		}
 	}
 	if u.DockerConfig != "" {
 		if _, err := os.Stat(expandHome(u.DockerConfig)); err != nil {
@@ -643,6 +668,79 @@ func (u *Upstream) validate(field string) error {
 		}
 	}
 	return nil
+}
+
+// setFields names the fields, given as name and value, that are set.
+func setFields(fields ...[]string) []string {
+	var set []string
+	for _, f := range fields {
+		if f[1] != "" {
+			set = append(set, f[0])
+		}
+	}
+	return set
+}
+
+// maxSecretFile bounds a passwordFile or tokenFile: a secret is small, and
+// a bigger file is the wrong one.
+const maxSecretFile = 64 << 10
+
+// Secrets returns the upstream's password and token, from the
+// configuration itself, a file (its content without trailing newlines) or
+// an environment variable, so that they need not sit in the YAML. A file,
+// a variable, that is missing or empty is an error naming the field, never
+// the secret. A file that users other than its owner may read works, with
+// a warning on log: a Kubernetes secret is mounted 0644 unless its
+// defaultMode says otherwise.
+func (u Upstream) Secrets(log *slog.Logger) (password, token string, err error) {
+	if password, err = secret(u.Password, "passwordFile", u.PasswordFile, "passwordEnv", u.PasswordEnv, log); err != nil {
+		return "", "", err
+	}
+	if token, err = secret(u.Token, "tokenFile", u.TokenFile, "tokenEnv", u.TokenEnv, log); err != nil {
+		return "", "", err
+	}
+	return password, token, nil
+}
+
+func secret(value, fileField, file, envField, env string, log *slog.Logger) (string, error) {
+	switch {
+	case file != "":
+		file = expandHome(file)
+		f, err := os.Open(file)
+		if err != nil {
+			return "", fmt.Errorf("%s: %w", fileField, err)
+		}
+		defer f.Close()
+		fi, err := f.Stat()
+		if err != nil {
+			return "", fmt.Errorf("%s: %w", fileField, err)
+		}
+		b, err := io.ReadAll(io.LimitReader(f, maxSecretFile+1))
+		if err != nil {
+			return "", fmt.Errorf("%s: %w", fileField, err)
+		}
+		if len(b) > maxSecretFile {
+			return "", fmt.Errorf("%s: %q is over %d bytes: not a secret", fileField, file, maxSecretFile)
+		}
+		v := strings.TrimRight(string(b), "\r\n")
+		if v == "" {
+			return "", fmt.Errorf("%s: %q is empty", fileField, file)
+		}
+		if m := fi.Mode().Perm(); m&0o077 != 0 && log != nil {
+			log.Warn("a secret file is readable by users other than its owner; chmod 600 it", "field", fileField, "path", file, "mode", fmt.Sprintf("%#o", m))
+		}
+		return v, nil
+	case env != "":
+		v, ok := os.LookupEnv(env)
+		if !ok {
+			return "", fmt.Errorf("%s: environment variable %q is not set", envField, env)
+		}
+		if v == "" {
+			return "", fmt.Errorf("%s: environment variable %q is empty", envField, env)
+		}
+		return v, nil
+	}
+	return value, nil
 }
 
 // validHost accepts a registry host: DNS name or IP, with an optional port.

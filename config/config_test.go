@@ -1,6 +1,8 @@
 package config
 
 import (
+	"bytes"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -149,6 +151,15 @@ func TestParse_Errors(t *testing.T) {
 		{"sync short interval", "sync:\n  - repository: a/b\n    interval: 5s\n", []string{"sync[0].interval", "5s"}},
 		{"empty pin", "storage:\n  pin: [\"  \"]\n", []string{"storage.pin[0]", `"  "`}},
 		{"empty hosted prefix", "hosted: [\"/\"]\n", []string{"hosted[0]", `"/"`}},
+		{"password and passwordFile", "upstreams:\n  - name: a.io\n    username: u\n    password: p\n    passwordFile: /run/pw\n", []string{"upstreams[0].passwordFile", "password and passwordFile"}},
+		{"passwordFile and passwordEnv", "upstreams:\n  - name: a.io\n    username: u\n    passwordFile: /run/pw\n    passwordEnv: PW\n", []string{"upstreams[0].passwordEnv", "passwordFile and passwordEnv"}},
+		{"passwordEnv without user", "upstreams:\n  - name: a.io\n    passwordEnv: PW\n", []string{"upstreams[0].username", "passwordEnv"}},
+		{"passwordFile without user", "upstreams:\n  - name: a.io\n    passwordFile: /run/pw\n", []string{"upstreams[0].username", "passwordFile"}},
+		{"token and tokenEnv", "upstreams:\n  - name: a.io\n    token: t\n    tokenEnv: T\n", []string{"upstreams[0].tokenEnv", "token and tokenEnv"}},
+		{"tokenFile and passwordEnv", "upstreams:\n  - name: a.io\n    username: u\n    passwordEnv: PW\n    tokenFile: /run/t\n", []string{"upstreams[0].tokenFile", "not both"}},
+		{"tokenEnv and username", "upstreams:\n  - name: a.io\n    username: u\n    tokenEnv: T\n", []string{"upstreams[0].tokenEnv", "not both"}},
+		{"bad env name", "upstreams:\n  - name: a.io\n    username: u\n    passwordEnv: PW=x\n", []string{"upstreams[0].passwordEnv", `"PW=x"`}},
+		{"password never shown", "upstreams:\n  - name: a.io\n    password: hunter2\n    passwordEnv: PW\n", []string{"upstreams[0].passwordEnv"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -160,6 +171,9 @@ func TestParse_Errors(t *testing.T) {
 				if !strings.Contains(err.Error(), w) {
 					t.Errorf("error %q does not name %q", err, w)
 				}
+			}
+			if strings.Contains(err.Error(), "hunter2") {
+				t.Errorf("error %q shows a password", err)
 			}
 		})
 	}
@@ -174,5 +188,102 @@ func TestSetUpstream(t *testing.T) {
 	}
 	if c.Upstream("docker.io").URL != "http://127.0.0.1:1" || c.Upstream("127.0.0.1:5002") == nil || len(c.Upstreams) != 5 {
 		t.Errorf("%+v", c.Upstreams)
+	}
+}
+
+func TestUpstream_Secrets(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string, mode os.FileMode) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(p, mode); err != nil { // whatever the umask
+			t.Fatal(err)
+		}
+		return p
+	}
+	pwFile := write("pw", "s3cret\n\n", 0o600)
+	crlfFile := write("crlf", "s3cret\r\n", 0o600)
+	inner := write("inner", "  spaced pw \n", 0o600)
+	openFile := write("open", "s3cret\n", 0o644)
+	emptyFile := write("empty", "\n", 0o600)
+	bigFile := write("big", strings.Repeat("x", maxSecretFile+1), 0o600)
+	tokFile := write("tok", "ghp_abc\n", 0o400)
+	t.Setenv("OCIMIRROR_TEST_PW", "env-s3cret")
+	t.Setenv("OCIMIRROR_TEST_EMPTY", "")
+
+	tests := []struct {
+		name              string
+		up                Upstream
+		password, token   string
+		wantErr, wantWarn string
+	}{
+		{name: "inline", up: Upstream{Password: "p", Token: ""}, password: "p"},
+		{name: "inline token", up: Upstream{Token: "t"}, token: "t"},
+		{name: "none", up: Upstream{}},
+		{name: "file, newlines trimmed", up: Upstream{PasswordFile: pwFile}, password: "s3cret"},
+		{name: "file with CRLF", up: Upstream{PasswordFile: crlfFile}, password: "s3cret"},
+		{name: "file, inner spaces kept", up: Upstream{PasswordFile: inner}, password: "  spaced pw "},
+		{name: "file readable by others warns", up: Upstream{PasswordFile: openFile}, password: "s3cret", wantWarn: "readable by users other than its owner"},
+		{name: "missing file", up: Upstream{PasswordFile: filepath.Join(dir, "nope")}, wantErr: "passwordFile: open " + filepath.Join(dir, "nope")},
+		{name: "empty file", up: Upstream{PasswordFile: emptyFile}, wantErr: "passwordFile: " + `"` + emptyFile + `" is empty`},
+		{name: "oversized file", up: Upstream{PasswordFile: bigFile}, wantErr: "is over 65536 bytes"},
+		{name: "env", up: Upstream{PasswordEnv: "OCIMIRROR_TEST_PW"}, password: "env-s3cret"},
+		{name: "unset env", up: Upstream{PasswordEnv: "OCIMIRROR_TEST_UNSET"}, wantErr: `passwordEnv: environment variable "OCIMIRROR_TEST_UNSET" is not set`},
+		{name: "empty env", up: Upstream{PasswordEnv: "OCIMIRROR_TEST_EMPTY"}, wantErr: `passwordEnv: environment variable "OCIMIRROR_TEST_EMPTY" is empty`},
+		{name: "token file", up: Upstream{TokenFile: tokFile}, token: "ghp_abc"},
+		{name: "token env", up: Upstream{TokenEnv: "OCIMIRROR_TEST_PW"}, token: "env-s3cret"},
+		{name: "unset token env", up: Upstream{TokenEnv: "OCIMIRROR_TEST_UNSET"}, wantErr: `tokenEnv: environment variable "OCIMIRROR_TEST_UNSET"`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var log bytes.Buffer
+			pw, tok, err := tc.up.Secrets(slog.New(slog.NewTextHandler(&log, nil)))
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("error %v, want %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if pw != tc.password || tok != tc.token {
+				t.Errorf("password %q token %q, want %q %q", pw, tok, tc.password, tc.token)
+			}
+			if tc.wantWarn == "" && log.Len() > 0 || !strings.Contains(log.String(), tc.wantWarn) {
+				t.Errorf("log %q, want %q", log.String(), tc.wantWarn)
+			}
+			if strings.Contains(log.String(), "s3cret") {
+				t.Errorf("the log shows the secret: %s", log.String())
+			}
+		})
+	}
+}
+
+func TestParse_PasswordSources(t *testing.T) {
+	c, err := Parse([]byte(`
+upstreams:
+  - name: docker.io
+    username: me
+    passwordFile: /run/secrets/hub
+  - name: ghcr.io
+    tokenEnv: GHCR_TOKEN
+  - name: quay.io
+    username: robot
+    passwordEnv: QUAY_PASSWORD
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u := c.Upstream("docker.io"); u.PasswordFile != "/run/secrets/hub" || u.Password != "" {
+		t.Errorf("docker.io: %+v", u)
+	}
+	if u := c.Upstream("ghcr.io"); u.TokenEnv != "GHCR_TOKEN" {
+		t.Errorf("ghcr.io: %+v", u)
+	}
+	if u := c.Upstream("quay.io"); u.PasswordEnv != "QUAY_PASSWORD" || u.Username != "robot" {
+		t.Errorf("quay.io: %+v", u)
 	}
 }

@@ -182,7 +182,11 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 	var ups []proxy.Upstream
 	clients := map[string]*upstream.Client{}
 	for _, u := range cfg.Upstreams {
-		creds := upstream.Credentials{Username: u.Username, Password: u.Password, Token: u.Token}
+		password, token, err := u.Secrets(logger.With("upstream", u.Name))
+		if err != nil {
+			return fmt.Errorf("upstream %s: %w", u.Name, err)
+		}
+		creds := upstream.Credentials{Username: u.Username, Password: password, Token: token}
 		if u.DockerConfig != "" {
 			if creds, err = upstream.DockerConfigCredentials(config.ExpandHome(u.DockerConfig), u.Name); err != nil {
 				return fmt.Errorf("upstream %s: %w", u.Name, err)
