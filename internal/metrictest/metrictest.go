@@ -6,6 +6,7 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"time"
 
 	"go.opentelemetry.io/otel/attribute"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
@@ -75,10 +76,17 @@ func (m *Reader) Value(name string, labels ...string) float64 {
 	return sum
 }
 
-// Want fails the test unless Value(name, labels...) is want.
+// Want fails the test unless Value(name, labels...) is want, or becomes
+// it within 5 s: a request is counted as its handler returns, which may
+// be after the client has read the whole answer.
 func (m *Reader) Want(name string, want float64, labels ...string) {
 	m.t.Helper()
-	if got := m.Value(name, labels...); got != want {
+	got := m.Value(name, labels...)
+	for i := 0; i < 500 && got != want; i++ {
+		time.Sleep(10 * time.Millisecond)
+		got = m.Value(name, labels...)
+	}
+	if got != want {
 		m.t.Errorf("%s%v = %v, want %v", name, labels, got, want)
 	}
 }
