@@ -437,6 +437,12 @@ func (c *Config) merge(f Config) {
 	}
 	c.ReadOnly = c.ReadOnly || f.ReadOnly
 	c.Offline = c.Offline || f.Offline
+	if f.Auth != nil {
+		c.Auth = f.Auth
+	}
+	if f.Access != nil {
+		c.Access = f.Access
+	}
 	if f.Sync != nil {
 		c.Sync = f.Sync
 	}

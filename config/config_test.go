@@ -160,6 +160,15 @@ func TestParse_Errors(t *testing.T) {
 		{"tokenEnv and username", "upstreams:\n  - name: a.io\n    username: u\n    tokenEnv: T\n", []string{"upstreams[0].tokenEnv", "not both"}},
 		{"bad env name", "upstreams:\n  - name: a.io\n    username: u\n    passwordEnv: PW=x\n", []string{"upstreams[0].passwordEnv", `"PW=x"`}},
 		{"password never shown", "upstreams:\n  - name: a.io\n    password: hunter2\n    passwordEnv: PW\n", []string{"upstreams[0].passwordEnv"}},
+		{"access without auth", "access:\n  - repositories: [\"a/**\"]\n    users: [\"*\"]\n    actions: [pull]\n", []string{"access", "auth"}},
+		{"auth without htpasswd", "auth:\n  tokenTTL: 5m\n", []string{"auth.htpasswd"}},
+		{"bad token ttl", "auth:\n  htpasswd: /h\n  tokenTTL: 1s\n", []string{"auth.tokenTTL", "1s"}},
+		{"bad realm", "auth:\n  htpasswd: /h\n  realm: ftp://x\n", []string{"auth.realm", `"ftp://x"`}},
+		{"bad action", "auth:\n  htpasswd: /h\naccess:\n  - repositories: [\"a/**\"]\n    users: [\"*\"]\n    actions: [read]\n", []string{"access[0].actions[0]", `"read"`}},
+		{"unknown group", "auth:\n  htpasswd: /h\naccess:\n  - repositories: [\"a/**\"]\n    users: [\"group:x\"]\n    actions: [pull]\n", []string{"access[0].users[0]", `"group:x"`}},
+		{"bad glob", "auth:\n  htpasswd: /h\naccess:\n  - repositories: [\"a/[\"]\n    users: [\"*\"]\n    actions: [pull]\n", []string{"access[0].repositories[0]", `"a/["`}},
+		{"rule for nobody", "auth:\n  htpasswd: /h\naccess:\n  - repositories: [\"a/**\"]\n    actions: [pull]\n", []string{"access[0]", "nobody"}},
+		{"rule without repositories", "auth:\n  htpasswd: /h\naccess:\n  - users: [\"*\"]\n    actions: [pull]\n", []string{"access[0].repositories"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -285,5 +294,33 @@ upstreams:
 	}
 	if u := c.Upstream("quay.io"); u.PasswordEnv != "QUAY_PASSWORD" || u.Username != "robot" {
 		t.Errorf("quay.io: %+v", u)
+	}
+}
+
+// The README's access control example parses as written.
+func TestParse_Auth(t *testing.T) {
+	c, err := Parse([]byte(`auth:
+  htpasswd: /etc/ocimirror/htpasswd
+  groups: {team-a: [alice, bob]}
+access:
+  - repositories: ["ci/team-a/**"]
+    users: [alice, "group:team-a"]
+    actions: [pull, push, delete]
+  - repositories: ["docker.io/**", "ghcr.io/**"]
+    users: ["*"]                  # any authenticated user
+    actions: [pull]
+  - repositories: ["docker.io/library/**"]
+    anonymous: true
+    actions: [pull]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Auth == nil || c.Auth.Htpasswd != "/etc/ocimirror/htpasswd" || c.Auth.TokenTTL.Duration != DefaultTokenTTL ||
+		len(c.Auth.Groups["team-a"]) != 2 || len(c.Access) != 3 || !c.Access[2].Anonymous || c.Access[1].Users[0] != "*" {
+		t.Fatalf("%+v %+v", c.Auth, c.Access)
+	}
+	if c, err := Parse(nil); err != nil || c.Auth != nil {
+		t.Fatalf("no auth section: %+v %v", c.Auth, err)
 	}
 }
