@@ -1,7 +1,9 @@
 package proxy_test
 
 import (
+	"encoding/json"
 	"net/http"
+	"strings"
 	"testing"
 
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
@@ -82,4 +84,57 @@ func BenchmarkServeBlob32MiB(b *testing.B) {
 		img := reg.PushImage(b, "app", "v1", 32<<20)
 		return "/v2/app/blobs/" + img.LayerDigests[0].String(), 32 << 20
 	})
+}
+
+// BenchmarkServeManifestAuth measures a manifest hit by digest with
+// access control: anonymous (a rule grants anonymous pulls), with a bearer
+// token, and with Basic credentials (checked once, then remembered by the
+// users' file; here a map); without auth for reference.
+func BenchmarkServeManifestAuth(b *testing.B) {
+	for _, mode := range []string{"off", "anonymous", "bearer", "basic"} {
+		b.Run("auth="+mode, func(b *testing.B) {
+			reg := registrytest.New(b)
+			opts := []option{withUpstream(upstreamDef{name: reg.Host, reg: reg}), withDefault(reg.Host)}
+			if mode != "off" {
+				opts = append(opts, withAuth(newAuth(b, reg.Host)))
+			}
+			e, _ := start(b, opts...)
+			img := reg.PushImage(b, "library/alpine", "3", 10)
+			path := "/v2/library/alpine/manifests/" + img.Digest.String()
+			var header string
+			switch mode {
+			case "bearer":
+				r := e.get("/auth/token?service=ocimirror&scope=repository:library/alpine:pull", basic("alice"))
+				var a tokenAnswer
+				if err := json.Unmarshal(r.body, &a); err != nil || a.Token == "" {
+					b.Fatalf("token: %d %s", r.status, r.body)
+				}
+				header = "Bearer " + a.Token
+			case "basic":
+				header = strings.TrimPrefix(basic("alice"), "Authorization: ")
+			}
+			const accept = v1.MediaTypeImageManifest + ", " + v1.MediaTypeImageIndex
+			if header != "" {
+				e.headers = []string{"Authorization: " + header}
+			}
+			if r := e.get(path, "Accept: "+accept); r.status != 200 {
+				b.Fatalf("warm-up: %d %s", r.status, r.body)
+			}
+			h := e.srv.Handler()
+			b.ReportAllocs()
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				req, _ := http.NewRequest(http.MethodGet, path, nil)
+				req.Header.Set("Accept", accept)
+				if header != "" {
+					req.Header.Set("Authorization", header)
+				}
+				w := &discard{h: http.Header{}}
+				for pb.Next() {
+					clear(w.h)
+					h.ServeHTTP(w, req)
+				}
+			})
+		})
+	}
 }
