@@ -552,7 +552,7 @@ func (c *Config) Validate() error {
 		}
 	}
 	if h, l := c.Storage.HighWatermark, c.Storage.LowWatermark; h < 1 || h > 100 || l < 1 || l >= h {
-		return fmt.Errorf("storage.highWatermark %d and storage.lowWatermark %d: want 0 < low < high <= 100 (percent of maxSize)", h, l)
+		return fmt.Errorf("storage.highWatermark: %d with storage.lowWatermark %d: want 0 < low < high <= 100 (percent of maxSize)", h, l)
 	}
 	for _, f := range []struct {
 		name string
