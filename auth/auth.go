@@ -18,9 +18,12 @@ import (
 	"github.com/ocimirror/ocimirror/internal/lru"
 )
 
-// Verifier checks a user's password (Users, from an htpasswd file).
+// Verifier checks a user's password (Users, from an htpasswd file), and
+// says whether a user still exists: a token of a user removed from the
+// file stops working at once, not when it expires.
 type Verifier interface {
 	Verify(user, password string) bool
+	Has(user string) bool
 }
 
 // Options configure an Authenticator.
@@ -128,6 +131,9 @@ func (a *Authenticator) Authenticate(r *http.Request) (Identity, error) {
 	switch {
 	case strings.EqualFold(scheme, "Bearer"):
 		g, err := a.o.Tokens.verify(strings.TrimSpace(cred))
+		if err == nil && g.user != "" && !a.o.Users.Has(g.user) {
+			err = errBadToken
+		}
 		if err != nil {
 			return Identity{}, &Error{Status: http.StatusUnauthorized, Challenge: a.challenge(r, "", 0, "invalid_token"),
 				Message: "the bearer token is invalid or expired"}

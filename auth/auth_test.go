@@ -144,6 +144,7 @@ func TestLoadOrCreateKey(t *testing.T) {
 type oneUser struct{}
 
 func (oneUser) Verify(u, p string) bool { return u == "alice" && p == "pw" }
+func (oneUser) Has(u string) bool       { return u == "alice" }
 
 // Failed logins are counted, and each waits (a client that goes does not).
 func TestAuthenticate_FailuresCounted(t *testing.T) {
@@ -168,5 +169,29 @@ func TestAuthenticate_FailuresCounted(t *testing.T) {
 	m.Want("ocimirror_auth_failures_total", 2)
 	if f, _ := a.failures.Get("192.0.2.1"); f.count != 2 {
 		t.Fatalf("failures of the address: %+v", f)
+	}
+}
+
+type flipUsers struct{ gone bool }
+
+func (f *flipUsers) Verify(u, p string) bool { return !f.gone && u == "alice" && p == "pw" }
+func (f *flipUsers) Has(u string) bool       { return !f.gone && u == "alice" }
+
+// A token of a user removed from the users' file stops working at once.
+func TestAuthenticate_RemovedUserToken(t *testing.T) {
+	_, key, _ := ed25519.GenerateKey(rand.Reader)
+	users := &flipUsers{}
+	tokens := NewTokens(key, time.Hour, nil)
+	a, _ := New(Options{Users: users, Rules: NewRules(nil, nil), Tokens: tokens})
+	defer a.Close()
+	tok, _, _ := tokens.Issue("alice", nil)
+	r := httptest.NewRequest("GET", "/v2/", nil)
+	r.Header.Set("Authorization", "Bearer "+tok)
+	if id, err := a.Authenticate(r); err != nil || id.User != "alice" {
+		t.Fatalf("%+v %v", id, err)
+	}
+	users.gone = true
+	if _, err := a.Authenticate(r); err == nil {
+		t.Fatal("the token of a removed user still authenticates")
 	}
 }

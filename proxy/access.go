@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"crypto/subtle"
 	"net/http"
 	"strings"
 
@@ -19,6 +20,14 @@ func (s *Server) authorize(r *http.Request, q *request) error {
 	if s.auth == nil {
 		return nil
 	}
+	if r.Context().Value(internalKey{}) != nil {
+		// The internal listener (sync): its own secret, or nothing.
+		if h := r.Header.Get("Authorization"); s.internalSecret != "" &&
+			subtle.ConstantTimeCompare([]byte(h), []byte("Bearer "+s.internalSecret)) == 1 {
+			return nil
+		}
+		return &auth.Error{Status: http.StatusUnauthorized, Message: "internal listener"}
+	}
 	id, err := s.auth.Authenticate(r)
 	if err != nil {
 		return err
@@ -33,6 +42,9 @@ func (s *Server) authorize(r *http.Request, q *request) error {
 	}
 	return s.auth.Authorize(r, id, mux.Vars(r)["name"], canonicalName(q.up, q.name, q.repo), need)
 }
+
+// internalKey marks the requests of the internal listener (startSync).
+type internalKey struct{}
 
 // neededActions are the actions an endpoint's method needs.
 func neededActions(op, method string) auth.Actions {

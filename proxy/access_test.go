@@ -24,6 +24,8 @@ func (p passwords) Verify(user, password string) bool {
 	return ok && want == password
 }
 
+func (p passwords) Has(user string) bool { _, ok := p[user]; return ok }
+
 var testUsers = passwords{"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw", "dave": "dave-pw", "root": "root-pw"}
 
 func basic(user string) string {

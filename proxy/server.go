@@ -130,7 +130,9 @@ type Server struct {
 	tracer          trace.Tracer
 	metrics         *serverMetrics
 	auth            *auth.Authenticator
-	now             func() time.Time
+	// internalSecret authorizes the internal listener's requests (sync).
+	internalSecret string
+	now            func() time.Time
 
 	// flight coalesces manifest, tag and referrer fetches; fills
 	// coalesces blobs.

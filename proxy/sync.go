@@ -2,6 +2,8 @@ package proxy
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -147,10 +149,18 @@ func (s *Server) startSync() error {
 	if err != nil {
 		return fmt.Errorf("proxy: sync listener: %w", err)
 	}
-	hs := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	// With access control, sync's requests carry a secret of this
+	// process, accepted on this listener only: they may pull anything.
+	var secret [32]byte
+	_, _ = rand.Read(secret[:])
+	s.internalSecret = hex.EncodeToString(secret[:])
+	hs := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second,
+		BaseContext: func(net.Listener) context.Context {
+			return context.WithValue(context.Background(), internalKey{}, true)
+		}}
 	go func() { _ = hs.Serve(ln) }()
 	c, err := upstream.New(upstream.Options{Name: "sync", URL: "http://" + ln.Addr().String(), MaxAttempts: 1,
-		BreakerFailures: -1, UserAgent: "ocimirror-sync", Logger: s.log})
+		BreakerFailures: -1, UserAgent: "ocimirror-sync", Logger: s.log, Credentials: upstream.Credentials{Token: s.internalSecret}})
 	if err != nil {
 		return err
 	}

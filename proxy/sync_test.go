@@ -73,6 +73,27 @@ func TestProxy_Sync(t *testing.T) {
 	}
 }
 
+// With access control, sync still pulls what it keeps warm (its own
+// requests carry the process's secret, on its internal listener only),
+// while clients stay bound by the rules.
+func TestProxy_Sync_WithAuth(t *testing.T) {
+	reg := registrytest.New(t)
+	img := reg.PushImage(t, "private/app", "1.0.0", 64<<10)
+	e, _ := start(t, withUpstream(upstreamDef{name: reg.Host, reg: reg}), withDefault(reg.Host), withAuth(newAuth(t, reg.Host)),
+		withSync(proxy.SyncRule{Repository: reg.Host + "/private/app", Interval: time.Hour}))
+	waitFor(t, "1.0.0 synced", func() bool {
+		_, err := e.badger.StatBlob(context.Background(), img.LayerDigests[0])
+		return err == nil
+	})
+	if r := e.get("/v2/private/app/manifests/1.0.0"); r.status != http.StatusUnauthorized {
+		t.Fatalf("an anonymous client reads a synced private image: %d", r.status)
+	}
+	if r := e.get("/v2/private/app/manifests/1.0.0", basic("bob")); r.status != http.StatusForbidden {
+		t.Fatalf("bob reads a synced private image: %d", r.status)
+	}
+	expect(t, "root reads it", e.get("/v2/private/app/manifests/1.0.0", basic("root")), 200, img.Manifest)
+}
+
 // Rules that cannot work stop start-up, naming the rule.
 func TestProxy_Sync_BadRules(t *testing.T) {
 	b, err := cache.OpenBadger(cache.BadgerOptions{Path: t.TempDir(), CollectInterval: -1})
