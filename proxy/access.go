@@ -84,9 +84,6 @@ func (s *Server) mayPull(r *http.Request, q *request, from string, src source, n
 // rules on its own canonical name.
 func (s *Server) CanonicalNames(name string) []string {
 	name = strings.Trim(name, "/")
-	if !validName(name) {
-		return nil
-	}
 	var names []string
 	src, rest, prefix, err := s.route(name, nil)
 	up, _ := src.(*upstreamState)
@@ -95,6 +92,9 @@ func (s *Server) CanonicalNames(name string) []string {
 		if up == nil || prefix != "" {
 			return names // hosted, or by a host prefix: one meaning
 		}
+	}
+	if !validName(name) {
+		return names
 	}
 	for _, u := range s.upstreams {
 		if u != up {

@@ -260,6 +260,15 @@ func TestProxy_Access_Tokens(t *testing.T) {
 	if r := e.get("/v2/ci/team-a/app/manifests/v1", bearer(tok)); r.status != 401 {
 		t.Fatalf("an anonymous token on a hosted repository: %d", r.status)
 	}
+	// By a host prefix (with a port), and by ?ns=: the token names the
+	// repository as the request writes it.
+	reg.PushImage(t, "team/app", "v1", 100)
+	tok = e.token(t, "alice", "repository:"+reg.Host+"/team/app:pull", "repository:team/app:pull")
+	for _, p := range []string{"/v2/" + reg.Host + "/team/app/manifests/v1", "/v2/team/app/manifests/v1?ns=" + reg.Host, "/v2/team/app/manifests/v1"} {
+		if r := e.get(p, bearer(tok)); r.status != 200 {
+			t.Fatalf("%s with a token: %d %s", p, r.status, r.body)
+		}
+	}
 	// A bad token, a wrong password at the token endpoint.
 	if r := e.get("/v2/library/alpine/manifests/3", bearer(tok[:len(tok)-4]+"AAAA")); r.status != 401 ||
 		!strings.Contains(r.header.Get("WWW-Authenticate"), `error="invalid_token"`) {

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -22,6 +24,7 @@ import (
 func TestServe_Auth(t *testing.T) {
 	reg := registrytest.New(t)
 	reg.PushImage(t, "library/alpine", "3", 1000)
+	reg.PushImage(t, "team/app", "v1", 1000)
 	dir := t.TempDir()
 	hash, _ := bcrypt.GenerateFromPassword([]byte("alice-secret-pw"), bcrypt.MinCost)
 	htpasswd := filepath.Join(dir, "htpasswd")
@@ -36,6 +39,9 @@ access:
     actions: [pull, push]
   - repositories: ["`+reg.Host+`/library/**"]
     anonymous: true
+    actions: [pull]
+  - repositories: ["`+reg.Host+`/team/**"]
+    users: [alice]
     actions: [pull]
 `), 0o600)
 	data := filepath.Join(dir, "data")
@@ -76,6 +82,19 @@ access:
 	}
 	if resp, b := get("/v2/ci/team-a/app/tags/list", "Authorization", "Bearer "+tok.Token); resp.StatusCode != 200 || !strings.Contains(string(b), `"name":"ci/team-a/app"`) {
 		t.Fatalf("with the token: %d %s", resp.StatusCode, b)
+	}
+	// prefetch logs in with --user and the password from the environment.
+	prefetch := func() (int, string) {
+		var out, errOut bytes.Buffer
+		code := run(context.Background(), []string{"prefetch", "--mirror", "http://" + addr, "--user", "alice", reg.Host + "/team/app:v1"}, &out, &errOut)
+		return code, out.String() + errOut.String()
+	}
+	if code, out := prefetch(); code == 0 {
+		t.Fatalf("prefetch without a password: exit 0\n%s", out)
+	}
+	t.Setenv("OCIMIRROR_PASSWORD", "alice-secret-pw")
+	if code, out := prefetch(); code != 0 {
+		t.Fatalf("prefetch --user alice: exit %d\n%s", code, out)
 	}
 	key := filepath.Join(data, "auth", "signing-key.pem")
 	if st, err := os.Stat(key); err != nil || st.Mode().Perm() != 0o600 {

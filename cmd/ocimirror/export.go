@@ -54,6 +54,7 @@ func runExport(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	var platforms, excludes listFlag
 	var (
 		mirror   = fs.String("mirror", defaultMirror, "base `URL` of the running mirror's registry API")
+		user     = fs.String("user", "", "log in to a mirror with access control as `NAME`; the password is read from $OCIMIRROR_PASSWORD")
 		fromFile = fs.String("from-file", "", "read references from `FILE`, one a line; # starts a comment")
 		output   = fs.String("output", "", "write the bundle to `FILE` (- for standard output)")
 		defReg   = fs.String("default-registry", bundle.DockerHub, "registry `host` of references without one (the mirror's default upstream)")
@@ -127,7 +128,11 @@ func runExport(ctx context.Context, args []string, stdout, stderr io.Writer) int
 			}
 		}
 	}
-	client, err := upstream.New(upstream.Options{Name: "mirror", URL: base, UserAgent: "ocimirror-export/" + version})
+	creds, err := mirrorCredentials(*user)
+	if err != nil {
+		return usageErr("--user: %v", err)
+	}
+	client, err := upstream.New(upstream.Options{Name: "mirror", URL: base, Credentials: creds, UserAgent: "ocimirror-export/" + version})
 	if err != nil {
 		return usageErr("--mirror: %v", err)
 	}

@@ -52,6 +52,7 @@ func runPrefetch(ctx context.Context, args []string, stdout, stderr io.Writer) i
 	var platforms listFlag
 	var (
 		mirror   = fs.String("mirror", defaultMirror, "base `URL` of the running mirror's registry API")
+		user     = fs.String("user", "", "log in to a mirror with access control as `NAME`; the password is read from $OCIMIRROR_PASSWORD")
 		fromFile = fs.String("from-file", "", "read references from `FILE`, one a line; # starts a comment")
 		jobs     = fs.Int("concurrency", 4, "how many blobs to fetch at `once`")
 	)
@@ -98,7 +99,11 @@ func runPrefetch(ctx context.Context, args []string, stdout, stderr io.Writer) i
 	if len(targets) == 0 {
 		return usageErr("no reference given (name one or more, or use --from-file)")
 	}
-	client, err := upstream.New(upstream.Options{Name: "mirror", URL: base, UserAgent: "ocimirror-prefetch/" + version})
+	creds, err := mirrorCredentials(*user)
+	if err != nil {
+		return usageErr("--user: %v", err)
+	}
+	client, err := upstream.New(upstream.Options{Name: "mirror", URL: base, Credentials: creds, UserAgent: "ocimirror-prefetch/" + version})
 	if err != nil {
 		return usageErr("--mirror: %v", err)
 	}
@@ -233,4 +238,18 @@ func readRefFile(path string) ([]target, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return out, nil
+}
+
+// mirrorCredentials are the credentials prefetch and export present to a
+// mirror with access control: --user, with the password from the
+// environment (never a flag, which other users of the machine can read).
+func mirrorCredentials(user string) (upstream.Credentials, error) {
+	if user == "" {
+		return upstream.Credentials{}, nil
+	}
+	pw := os.Getenv("OCIMIRROR_PASSWORD")
+	if pw == "" {
+		return upstream.Credentials{}, errors.New("set the password in OCIMIRROR_PASSWORD")
+	}
+	return upstream.Credentials{Username: user, Password: pw}, nil
 }
