@@ -34,6 +34,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/crypto/bcrypt"
 )
 
 func main() {
@@ -47,6 +49,7 @@ func main() {
 	flag.DurationVar(&o.wrkDuration, "duration", 10*time.Second, "wrk duration per manifest measure")
 	flag.StringVar(&o.workdir, "workdir", "", "`directory` for data and logs (a temporary one if empty)")
 	flag.StringVar(&o.baseline, "baseline", "", "also measure manifest req/s of ocimirror built at this git `ref` (an earlier release), in the same run")
+	flag.BoolVar(&o.auth, "auth", false, "also measure manifest hits of an ocimirror with access control: anonymous, and with a bearer token")
 	flag.Parse()
 	if err := run(o); err != nil {
 		fmt.Fprintln(os.Stderr, "compare:", err)
@@ -58,6 +61,7 @@ type options struct {
 	registry, ocimirror, wrk, layers, workdir, baseline string
 	stampede, runs                                      int
 	wrkDuration                                         time.Duration
+	auth                                                bool
 }
 
 const repo = "bench/app"
@@ -242,6 +246,9 @@ func run(o options) error {
 	printTable(os.Stdout, o, targets, direct)
 	if base != nil {
 		printBaseline(os.Stdout, o, base, targets[1])
+	}
+	if o.auth {
+		return measureAuth(o, dir, upURL, img, client, &procs)
 	}
 	return nil
 }
@@ -670,10 +677,14 @@ func pullOnce(c *http.Client, base string, img image, accept string, total *atom
 var rpsRE = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
 var non2xxRE = regexp.MustCompile(`Non-2xx or 3xx responses:\s+(\d+)`)
 
-func runWrk(bin string, d time.Duration, header, u string) (float64, error) {
+func runWrk(bin string, d time.Duration, header, u string, more ...string) (float64, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), d+time.Minute)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, bin, "-t2", "-c32", "-d"+strconv.Itoa(int(d.Seconds()))+"s", "-H", header, u).CombinedOutput()
+	args := []string{"-t2", "-c32", "-d" + strconv.Itoa(int(d.Seconds())) + "s", "-H", header}
+	for _, h := range more {
+		args = append(args, "-H", h)
+	}
+	out, err := exec.CommandContext(ctx, bin, append(args, u)...).CombinedOutput()
 	if err != nil {
 		return 0, fmt.Errorf("%v: %s", err, out)
 	}
@@ -739,4 +750,81 @@ func printTable(w io.Writer, o options, targets []*target, direct *target) {
 func mustSizes(s string) []int {
 	v, _ := parseSizes(s)
 	return v
+}
+
+// measureAuth runs an ocimirror with access control (anonymous pulls
+// granted, and a user) in front of the same upstream, and measures
+// manifest hits by digest anonymous and with a bearer token, interleaved.
+func measureAuth(o options, dir, upURL string, img image, client *http.Client, procs *[]*exec.Cmd) error {
+	counter, err := startCounter(upURL)
+	if err != nil {
+		return err
+	}
+	hash, err := bcrypt.GenerateFromPassword([]byte("bench-pw"), bcrypt.DefaultCost)
+	if err != nil {
+		return err
+	}
+	htpasswd := filepath.Join(dir, "htpasswd")
+	cfg := filepath.Join(dir, "auth.yaml")
+	if err := os.WriteFile(htpasswd, []byte("bench:"+string(hash)+"\n"), 0o600); err != nil {
+		return err
+	}
+	rules := "auth:\n  htpasswd: " + htpasswd + "\naccess:\n  - repositories: [\"upstream.bench/**\"]\n    anonymous: true\n    actions: [pull]\n"
+	if err := os.WriteFile(cfg, []byte(rules), 0o600); err != nil {
+		return err
+	}
+	addr := freeAddr()
+	cmd := exec.Command(o.ocimirror, "serve", "--config", cfg, "--listen", addr, "--admin-listen", "127.0.0.1:0",
+		"--data", filepath.Join(dir, "auth-data"), "--upstream", "upstream.bench="+counter.url, "--default-upstream", "upstream.bench")
+	if cmd.Stderr, err = os.Create(filepath.Join(dir, "auth.log")); err != nil {
+		return err
+	}
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	*procs = append(*procs, cmd)
+	base := "http://" + addr
+	for i := 0; i < 100; i++ {
+		if resp, err := client.Get(base + "/v2/"); err == nil {
+			resp.Body.Close()
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if _, err := warmPull(client, base, img, 1, 1); err != nil {
+		return fmt.Errorf("access control warm-up: %w", err)
+	}
+	req, _ := http.NewRequest(http.MethodGet, base+"/auth/token?service=ocimirror&scope=repository:"+repo+":pull", nil)
+	req.SetBasicAuth("bench", "bench-pw")
+	resp, err := client.Do(req)
+	if err != nil {
+		return err
+	}
+	var tok struct{ Token string }
+	err = json.NewDecoder(resp.Body).Decode(&tok)
+	resp.Body.Close()
+	if err != nil || tok.Token == "" {
+		return fmt.Errorf("token: %s %v", resp.Status, err)
+	}
+	accept := "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"
+	u := base + "/v2/" + repo + "/manifests/" + img.digest
+	results := map[string][]float64{}
+	for r := 0; r < o.runs; r++ {
+		for _, m := range []struct{ key, header string }{{"anonymous", ""}, {"bearer", "Authorization: Bearer " + tok.Token}} {
+			var more []string
+			if m.header != "" {
+				more = append(more, m.header)
+			}
+			rps, err := runWrk(o.wrk, o.wrkDuration, accept, u, more...)
+			if err != nil {
+				return fmt.Errorf("access control %s: %w", m.key, err)
+			}
+			results[m.key] = append(results[m.key], rps)
+			logf("run %d access control: %s %.0f req/s", r+1, m.key, rps)
+		}
+	}
+	a, b := median(results["anonymous"]), median(results["bearer"])
+	fmt.Printf("\nManifest hits by digest with access control, same run, medians of %d:\n\n", o.runs)
+	fmt.Printf("| anonymous | bearer token | ratio |\n|---|---|---|\n| %.0f req/s | %.0f req/s | %.3fx |\n", a, b, b/a)
+	return nil
 }
