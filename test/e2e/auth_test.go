@@ -442,3 +442,86 @@ upstreams:
 
 	om.checkNoSecretsLogged(t)
 }
+
+// TestE2E_Auth_Containerd pulls through ocimirror with containerd, which
+// hosts.toml sends there for docker.io and private.example.test (both
+// names of one distribution v3), so every request carries ns=:
+//   - anonymous, it pulls and unpacks docker.io/library/alpine (the ns
+//     route of the anonymous rule) and is refused docker.io/e2e/app
+//     (users only);
+//   - with alice's credentials (ctr --user: the OAuth2 password grant at
+//     the token endpoint) it pulls private.example.test/e2e/app, which
+//     only alice may pull; with bob's it is refused (403).
+func TestE2E_Auth_Containerd(t *testing.T) {
+	ctd := startContainerd(t)
+	up := startDistribution(t, "registry")
+	s := seedImages(t, up.host)
+	om := startAuthMirror(t, `defaultUpstream: docker.io
+upstreams:
+  - name: docker.io
+    url: http://`+up.host+`
+  - name: private.example.test
+    url: http://`+up.host+`
+`)
+	ctd.mirrorFor(t, "docker.io", om.host)
+	ctd.mirrorFor(t, "private.example.test", om.host)
+	pull := func(user string, ref string) (string, error) {
+		args := []string{"--address", ctd.sock, "images", "pull", "--hosts-dir", ctd.hostsDir}
+		if user != "" {
+			args = append(args, "--user", user+":"+om.pw[user])
+		}
+		return runErr("", nil, "ctr", append(args, ref)...)
+	}
+	listed := func(ref, digest string) {
+		t.Helper()
+		if images := ctd.ctr(t, "images", "ls"); !strings.Contains(images, ref) || !strings.Contains(images, digest) {
+			t.Errorf("containerd does not list %s with digest %s:\n%s", ref, digest, images)
+		}
+	}
+
+	const alpine = "docker.io/library/alpine:3"
+	if out, err := pull("", alpine); err != nil {
+		t.Fatalf("anonymous pull of %s: %v\n%s", alpine, err, out)
+	}
+	listed(alpine, s.digests["library/alpine:3"])
+	if snaps := ctd.ctr(t, "snapshots", "ls"); !strings.Contains(snaps, "Committed") {
+		t.Errorf("alpine was not unpacked:\n%s", snaps)
+	}
+	if out, err := pull("", "docker.io/e2e/app:multi-oci"); err == nil || !unauthorized(out) {
+		t.Errorf("anonymous pull of docker.io/e2e/app: %v, want 401\n%s", err, out)
+	}
+
+	const private = "private.example.test/e2e/app:multi-oci"
+	if out, err := pull("alice", private); err != nil {
+		t.Fatalf("alice pulls %s: %v\n%s", private, err, out)
+	}
+	listed(private, s.digests["e2e/app:multi-oci"])
+	// containerd resolves the tag again before anything else: refused
+	// there, although the content is local now.
+	out, err := pull("bob", private)
+	if err == nil || !strings.Contains(out, "403") {
+		t.Errorf("bob pulls %s: %v, want 403\n%s", private, err, out)
+	}
+
+	// Every request carried ns; containerd was challenged, and sent the
+	// credentials to the token endpoint as the OAuth2 password grant.
+	var routed, challenged, grants int
+	for _, l := range om.requestLines() {
+		if strings.Contains(l, "path=/v2/") {
+			if !strings.Contains(l, " ns=") {
+				t.Errorf("a containerd request without ns: %s", l)
+			}
+			routed++
+		}
+		if strings.Contains(l, "method=POST path=/auth/token status=200") {
+			grants++
+		}
+		if strings.Contains(l, "status=401") {
+			challenged++
+		}
+	}
+	if routed == 0 || grants == 0 || challenged == 0 {
+		t.Errorf("requests: %d to /v2/, %d password grants, %d challenged: the token flow did not run", routed, grants, challenged)
+	}
+	om.checkNoSecretsLogged(t)
+}
