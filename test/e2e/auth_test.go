@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
@@ -564,6 +565,88 @@ func TestE2E_Auth_Conformance(t *testing.T) {
 	st, _, h := httpGet(t, "http://"+om.host+"/v2/conf/repo1/tags/list")
 	if st != 401 || !strings.Contains(h.Get("WWW-Authenticate"), `scope="repository:conf/repo1:pull"`) {
 		t.Errorf("anonymous tags/list of conf/repo1: %d %q, want 401 with a challenge", st, h.Get("WWW-Authenticate"))
+	}
+	om.checkNoSecretsLogged(t)
+}
+
+// TestE2E_Auth_SecretsNotLogged runs every way a secret reaches ocimirror,
+// at debug level, and greps every log line for each password and token:
+// Basic credentials straight on /v2/ (right and wrong), the token
+// endpoint by GET (Basic, anonymous) and by POST (the OAuth2 password
+// grant, right and wrong), bearer tokens (valid, for another scope, and
+// forged). It needs no client tool, so it runs everywhere.
+func TestE2E_Auth_SecretsNotLogged(t *testing.T) {
+	om := startAuthMirror(t, "")
+	base := "http://" + om.host
+	alice, wrong := om.pw["alice"], "wrong-"+randomHex(12)
+	om.secret(wrong)
+
+	if st, _, _ := httpGet(t, base+"/v2/", om.basic("alice", alice)); st != 200 {
+		t.Errorf("GET /v2/ with Basic: %d", st)
+	}
+	if st, _, _ := httpGet(t, base+"/v2/", om.basic("carol", wrong)); st != 401 {
+		t.Errorf("GET /v2/ with a wrong password: %d", st)
+	}
+	st, tok := om.tokenFor(t, "alice", alice, "repository:ci/team-a/app:pull,push")
+	if st != 200 || tok == "" {
+		t.Fatalf("token endpoint: %d", st)
+	}
+	st, body, _ := httpGet(t, base+"/auth/token?service=ocimirror&scope=repository:docker.io/library/alpine:pull")
+	var anon struct{ Token string }
+	if st != 200 || json.Unmarshal(body, &anon) != nil || anon.Token == "" {
+		t.Fatalf("anonymous token: %d %s", st, body)
+	}
+	om.secret(anon.Token)
+
+	grant := func(password string) (int, string) {
+		form := url.Values{"grant_type": {"password"}, "username": {"bob"}, "password": {password},
+			"service": {"ocimirror"}, "scope": {"repository:ci/team-a/app:pull"}, "client_id": {"e2e"}}
+		resp, err := http.PostForm(base+"/auth/token", form)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var a struct {
+			AccessToken string `json:"access_token"`
+		}
+		_ = json.NewDecoder(resp.Body).Decode(&a)
+		om.secret(a.AccessToken)
+		return resp.StatusCode, a.AccessToken
+	}
+	st, bobTok := grant(om.pw["bob"])
+	if st != 200 || bobTok == "" {
+		t.Fatalf("password grant: %d", st)
+	}
+	if st, _ := grant(wrong); st != 401 {
+		t.Errorf("password grant with a wrong password: %d", st)
+	}
+
+	// Bearer tokens: valid (a tag that does not exist: 404; the tag list,
+	// empty: 200), for
+	// another repository (401 insufficient_scope), forged (401).
+	bearer := func(tok string) string {
+		om.secret("Bearer " + tok)
+		return "Authorization: Bearer " + tok
+	}
+	for _, c := range []struct {
+		name, path, token string
+		status            int
+	}{
+		{"alice's token", "/v2/ci/team-a/app/manifests/none", tok, 404},
+		{"bob's token", "/v2/ci/team-a/app/tags/list", bobTok, 200},
+		{"alice's token elsewhere", "/v2/ci/team-a/other/manifests/none", tok, 401},
+		{"a forged token", "/v2/ci/team-a/app/manifests/none", tok[:len(tok)-8] + "AAAAAAAA", 401},
+	} {
+		if st, body, _ := httpGet(t, base+c.path, bearer(c.token)); st != c.status {
+			t.Errorf("%s on %s: %d %s, want %d", c.name, c.path, st, body, c.status)
+		}
+	}
+	om.secret(tok[:len(tok)-8] + "AAAAAAAA")
+
+	// The log holds the failures, so the check below reads the lines a
+	// leak would be in.
+	if n := strings.Count(om.log.String(), "failed login"); n != 2 {
+		t.Errorf("%d failed logins logged, want 2", n)
 	}
 	om.checkNoSecretsLogged(t)
 }
