@@ -505,7 +505,6 @@ upstreams:
 	}
 	if out, err := pull("", "docker.io/e2e/app:multi-oci"); err == nil || !unauthorized(out) {
 		t.Errorf("anonymous pull of docker.io/e2e/app: %v, want 401\n%s", err, out)
-	} else {
 	}
 
 	const private = "private.example.test/e2e/app:multi-oci"
