@@ -226,9 +226,10 @@ upstreams:
 	// oras (--registry-config), regctl (HOME), skopeo (REGISTRY_AUTH_FILE,
 	// empty: credentials go by --creds).
 	type client struct {
-		docker, oras []string // env; flags
-		regctl       []string // env
-		skopeo       []string // env
+		docker []string // crane's environment
+		oras   []string // oras's flags
+		regctl []string // regctl's environment
+		skopeo []string // skopeo's environment
 	}
 	clients := map[string]client{}
 	for _, u := range append([]string{"anonymous"}, authUsers...) {
