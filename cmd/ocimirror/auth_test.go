@@ -114,3 +114,24 @@ access:
 		}
 	}
 }
+
+// auth over plain HTTP on an address other hosts reach is warned about;
+// on loopback it is not.
+func TestServe_AuthPlainHTTPWarning(t *testing.T) {
+	dir := t.TempDir()
+	hash, _ := bcrypt.GenerateFromPassword([]byte("pw"), bcrypt.MinCost)
+	htpasswd := filepath.Join(dir, "htpasswd")
+	os.WriteFile(htpasswd, []byte("alice:"+string(hash)+"\n"), 0o600)
+	cfg := filepath.Join(dir, "c.yaml")
+	os.WriteFile(cfg, []byte("auth:\n  htpasswd: "+htpasswd+"\n"), 0o600)
+	for _, c := range []struct {
+		listen string
+		warn   bool
+	}{{"0.0.0.0:0", true}, {"127.0.0.1:0", false}} {
+		_, log, stop := serveLogged(t, "--config", cfg, "--data", t.TempDir(), "--listen", c.listen)
+		stop()
+		if got := strings.Contains(log.String(), "auth is on over plain HTTP"); got != c.warn {
+			t.Errorf("listen %s: warned %v, want %v\n%s", c.listen, got, c.warn, log.String())
+		}
+	}
+}
