@@ -6,6 +6,8 @@
 #   test/bench/compare.sh --runs 1 --duration 3s a quick look (CI)
 #   test/bench/compare.sh --baseline REF         also manifest hits of ocimirror
 #                                                built at git REF, same run
+#   test/bench/compare.sh --auth                 also manifest hits with access
+#                                                control: anonymous, bearer token
 #
 # Installs distribution v3 into .tools/bin and wrk (apt-get) when missing.
 set -euo pipefail
