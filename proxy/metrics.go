@@ -274,8 +274,8 @@ func cacheKindIndex(q *request) int {
 }
 
 // routeLabel is the route label of a request: its endpoint, catalog for
-// /v2/_catalog (which ocimirror does not serve), base for /v2/ and any
-// path that is no endpoint.
+// /v2/_catalog (which ocimirror does not serve), base for /v2/, the token
+// endpoint and any path that is no endpoint.
 func routeLabel(op string, r *http.Request) string {
 	switch op {
 	case "manifest", "blob", "tags", "referrers", "upload":
