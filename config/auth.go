@@ -79,7 +79,7 @@ func (c *Config) validateAuth() error {
 		}
 		for _, m := range members {
 			if m == "" || strings.ContainsAny(m, ": ") || m == "*" {
-				return fmt.Errorf("auth.groups.%s: %q is not a user name", g, m)
+				return fmt.Errorf("auth.groups: group %q: %q is not a user name", g, m)
 			}
 		}
 	}

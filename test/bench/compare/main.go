@@ -49,6 +49,7 @@ func main() {
 	flag.DurationVar(&o.wrkDuration, "duration", 10*time.Second, "wrk duration per manifest measure")
 	flag.StringVar(&o.workdir, "workdir", "", "`directory` for data and logs (a temporary one if empty)")
 	flag.StringVar(&o.baseline, "baseline", "", "also measure manifest req/s of ocimirror built at this git `ref` (an earlier release), in the same run")
+	flag.StringVar(&o.distinct, "distinct", "32x16M", "cold start: `N`xSIZE distinct uncached blobs pulled at once, by 1 and by 2 clients each (\"0\" to skip)")
 	flag.BoolVar(&o.auth, "auth", false, "also measure manifest hits of an ocimirror with access control: anonymous, and with a bearer token")
 	flag.Parse()
 	if err := run(o); err != nil {
@@ -58,10 +59,10 @@ func main() {
 }
 
 type options struct {
-	registry, ocimirror, wrk, layers, workdir, baseline string
-	stampede, runs                                      int
-	wrkDuration                                         time.Duration
-	auth                                                bool
+	registry, ocimirror, wrk, layers, workdir, baseline, distinct string
+	stampede, runs                                                int
+	wrkDuration                                                   time.Duration
+	auth                                                          bool
 }
 
 const repo = "bench/app"
@@ -175,6 +176,39 @@ func run(o options) error {
 	}
 
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, DisableCompression: true}}
+	// Cold start first, on fresh processes: many distinct blobs at once.
+	if o.distinct != "0" {
+		n, size, err := parseDistinct(o.distinct)
+		if err != nil {
+			return fmt.Errorf("--distinct: %w", err)
+		}
+		for r := 0; r < o.runs; r++ {
+			for _, per := range []int{1, 2} {
+				blobs := make([]string, n)
+				for i := range blobs {
+					if blobs[i], err = pushBlob(upURL, randomBytes(size)); err != nil {
+						return err
+					}
+				}
+				order := targets
+				if r%2 == 1 {
+					order = []*target{targets[1], targets[0]}
+				}
+				for _, t := range order {
+					secs, gets, err := coldStart(client, t, blobs, size, per)
+					if err != nil {
+						return fmt.Errorf("%s cold start: %w", t.name, err)
+					}
+					key := fmt.Sprintf("cold%d", per)
+					t.results[key+"_secs"] = append(t.results[key+"_secs"], secs)
+					t.results[key+"_gets"] = append(t.results[key+"_gets"], float64(gets))
+					t.results[key+"_anon"] = append(t.results[key+"_anon"], float64(t.mem.phaseAnon.Load()))
+					logf("run %d %s: %d distinct blobs x %d clients: %.2fs, %d upstream GETs, peak RssAnon %.1f MiB",
+						r+1, t.name, n, per, secs, gets, float64(t.mem.phaseAnon.Load())/1024)
+				}
+			}
+		}
+	}
 	for r := 0; r < o.runs; r++ {
 		blob := stampedeBlobs[r]
 		for _, t := range targets {
@@ -406,6 +440,14 @@ type memSampler struct {
 	done          chan struct{}
 	wg            sync.WaitGroup
 	peakRSS, anon atomic.Int64 // kB
+	// phaseAnon is the peak RssAnon since resetPhase.
+	phaseAnon atomic.Int64
+}
+
+// resetPhase starts a new phase's peak from the current RssAnon.
+func (m *memSampler) resetPhase(pid int) {
+	_, anon := readStatus(pid)
+	m.phaseAnon.Store(anon)
 }
 
 func sampleMemory(pid int) *memSampler {
@@ -422,6 +464,9 @@ func sampleMemory(pid int) *memSampler {
 			}
 			if anon > m.anon.Load() {
 				m.anon.Store(anon)
+			}
+			if anon > m.phaseAnon.Load() {
+				m.phaseAnon.Store(anon)
 			}
 			select {
 			case <-m.done:
@@ -623,6 +668,58 @@ func stampede(c *http.Client, t *target, blob string, size, n int) (gets int, se
 	return t.counter.count(http.MethodGet, path), secs, nil
 }
 
+// coldStart has per clients pull each of the distinct uncached blobs, all
+// at once, every digest verified; it returns the wall time and the
+// upstream GETs of those blobs.
+func coldStart(c *http.Client, t *target, blobs []string, size, per int) (secs float64, gets int, err error) {
+	t.mem.resetPhase(t.cmd.Process.Pid)
+	start := make(chan struct{})
+	errs := make(chan error, len(blobs)*per)
+	var wg sync.WaitGroup
+	for _, b := range blobs {
+		for range per {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				<-start
+				_, err := fetch(c, t.url+"/v2/"+repo+"/blobs/"+b, b, int64(size), "")
+				errs <- err
+			}()
+		}
+	}
+	time.Sleep(100 * time.Millisecond)
+	t0 := time.Now()
+	close(start)
+	wg.Wait()
+	secs = time.Since(t0).Seconds()
+	close(errs)
+	for e := range errs {
+		if e != nil {
+			return 0, 0, e
+		}
+	}
+	for _, b := range blobs {
+		gets += t.counter.count(http.MethodGet, "/v2/"+repo+"/blobs/"+b)
+	}
+	return secs, gets, nil
+}
+
+// parseDistinct reads NxSIZE (32x16M).
+func parseDistinct(s string) (n, size int, err error) {
+	a, b, ok := strings.Cut(s, "x")
+	if !ok {
+		return 0, 0, fmt.Errorf("%q is not NxSIZE", s)
+	}
+	if n, err = strconv.Atoi(a); err != nil || n < 1 || n > 1024 {
+		return 0, 0, fmt.Errorf("%q: bad count", s)
+	}
+	sizes, err := parseSizes(b)
+	if err != nil || len(sizes) != 1 {
+		return 0, 0, fmt.Errorf("%q: bad size", s)
+	}
+	return n, sizes[0], nil
+}
+
 // warmPull has `clients` clients each pull the whole image `pulls` times
 // (manifest by tag, then every blob), and returns MB/s over all bytes.
 func warmPull(c *http.Client, base string, img image, clients, pulls int) (float64, error) {
@@ -736,6 +833,16 @@ func printTable(w io.Writer, o options, targets []*target, direct *target) {
 	row(fmt.Sprintf("%d clients, one uncached %d MiB blob: upstream GETs", o.stampede, mustSizes(o.layers)[0]>>20), "", "stampede_gets", false, "%.0f")
 	row("same: wall time", "s", "stampede_secs", false, "%.2f")
 	row("warm pull, 4 clients x 3 pulls, digests verified", "MB/s", "warm_mbs", true, "%.0f")
+	if len(dist.results["cold1_secs"]) > 0 {
+		n, size, _ := parseDistinct(o.distinct)
+		for _, per := range []int{1, 2} {
+			k := fmt.Sprintf("cold%d", per)
+			row(fmt.Sprintf("cold start, %d distinct %d MiB blobs, %d client(s) each: wall time", n, size>>20, per), "s", k+"_secs", false, "%.2f")
+			row("same: upstream GETs", "", k+"_gets", false, "%.0f")
+			a, b := median(dist.results[k+"_anon"])/1024, median(om.results[k+"_anon"])/1024
+			fmt.Fprintf(bw, "| same: peak RssAnon | %.1f MiB | %.1f MiB | %.2fx |\n", a, b, b/a)
+		}
+	}
 	row("manifest GET by tag", "req/s", "tag_rps", true, "%.0f")
 	row("manifest GET by digest", "req/s", "digest_rps", true, "%.0f")
 	mem := func(name string, get func(*memSampler) int64) {
