@@ -171,7 +171,12 @@ type Upstream struct {
 	Offline bool `yaml:"offline"`
 	// Timeout bounds the wait for the upstream's answer to a request (60s); a timeout counts toward marking it down.
 	Timeout Duration `yaml:"timeout"`
+	// MaxFills bounds the blob fills from this upstream that run at once (default 32); more wait in order.
+	MaxFills int `yaml:"maxFills"`
 }
+
+// DefaultMaxFills bounds the blob fills from one upstream that run at once.
+const DefaultMaxFills = 32
 
 // PushMode is what happens to a push to a proxied repository.
 type PushMode string
@@ -629,6 +634,12 @@ func (u *Upstream) validate(field string) error {
 	// url.Parse takes the scheme in any case; write it in lower case, and
 	// without trailing slashes, so that validating again changes nothing.
 	u.URL = p.Scheme + strings.TrimRight(u.URL[len(p.Scheme):], "/")
+	if u.MaxFills == 0 {
+		u.MaxFills = DefaultMaxFills
+	}
+	if u.MaxFills < 1 || u.MaxFills > 4096 {
+		return fmt.Errorf("%s.maxFills: %d, want 1 to 4096 (default %d)", field, u.MaxFills, DefaultMaxFills)
+	}
 	if err := u.Timeout.parse(field + ".timeout"); err != nil {
 		return err
 	}

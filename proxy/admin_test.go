@@ -145,6 +145,9 @@ func TestProxy_PinsAndPinnedBytes(t *testing.T) {
 	for _, d := range img.LayerDigests {
 		expect(t, "warm layer", e.get("/v2/app/blobs/"+d.String()), 200, nil)
 	}
+	// A client has its last byte once the blob is checked; the store has
+	// it once the fill has committed.
+	waitFor(t, "the fills to commit", func() bool { return e.srv.FillsRunning() == 0 })
 	ctx := context.Background()
 	k := cache.RepoKey{Upstream: reg.Host, Repo: "app"}
 	if err := e.store.PutPin(ctx, cache.Pin{Repo: k, Name: "v1", Digest: img.Digest, At: time.Unix(1000, 0)}); err != nil {

@@ -243,6 +243,12 @@ func (s *Server) serveFill(w http.ResponseWriter, r *http.Request, q *request, f
 				return err
 			}
 			if done {
+				// Verified; stored once the fill has committed.
+				select {
+				case <-f.ended:
+				case <-ctx.Done():
+					return ctx.Err()
+				}
 				if err := s.serveStored(w, r, q, avail); !errors.Is(err, cache.ErrNotFound) {
 					return err
 				}

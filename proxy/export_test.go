@@ -33,3 +33,6 @@ func SetRevalidateWait(d time.Duration) (restore func()) {
 	revalidateWait = d
 	return func() { revalidateWait = old }
 }
+
+// FillsRunning is how many blob fills are running (committing included).
+func (s *Server) FillsRunning() int64 { return s.metrics.fillsRunning.Load() }

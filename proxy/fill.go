@@ -64,6 +64,9 @@ type blobFill struct {
 	// users are the fill itself and the clients following it; the last
 	// to go closes w.
 	users atomic.Int32
+	// ended is closed when the fill is over: committed and out of the
+	// set, or failed.
+	ended chan struct{}
 
 	mu    sync.Mutex
 	avail int64 // bytes readable, through w or the spill
@@ -166,7 +169,7 @@ func (s *Server) joinFill(ctx context.Context, q *request) (f *blobFill, rd *rea
 
 // newFill returns a fill and the reader of its first client.
 func newFill(key fillKey, repo string) (*blobFill, *reader) {
-	f := &blobFill{key: key, repo: repo, ready: make(chan struct{}), size: -1, wake: make(chan struct{}),
+	f := &blobFill{key: key, repo: repo, ready: make(chan struct{}), ended: make(chan struct{}), size: -1, wake: make(chan struct{}),
 		readers: map[*reader]int64{}, moved: make(chan struct{})}
 	f.users.Store(2) // the fill and its first client
 	return f, f.addReader()
@@ -277,6 +280,7 @@ func (s *Server) abandonUnfollowed(f *blobFill) bool {
 // up to maxResumes times.
 func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState) {
 	defer s.work.Done()
+	defer close(f.ended)
 	s.metrics.fillsRunning.Add(1)
 	defer s.metrics.fillsRunning.Add(-1)
 	defer f.release(nil)
@@ -289,7 +293,24 @@ func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState) {
 	log := s.log.With("upstream", up.name, "repo", f.repo, "digest", d)
 	start := time.Now()
 
-	resp, err := up.client.Blob(ctx, http.MethodGet, f.repo, d, 0, 0)
+	// At most MaxFills fills of an upstream run at once; the others wait
+	// their turn, first come first served (a channel's waiting senders
+	// are woken in order), and are never refused.
+	var resp *http.Response
+	var err error
+	freeSlot := func() {}
+	s.metrics.fillsQueued.Add(1)
+	select {
+	case up.fillSlots <- struct{}{}:
+		s.metrics.fillsQueued.Add(-1)
+		var once sync.Once
+		freeSlot = func() { once.Do(func() { <-up.fillSlots }) }
+		defer freeSlot()
+		resp, err = up.client.Blob(ctx, http.MethodGet, f.repo, d, 0, 0)
+	case <-ctx.Done():
+		s.metrics.fillsQueued.Add(-1)
+		err = ctx.Err()
+	}
 	if err == nil && resp.StatusCode != http.StatusOK {
 		resp.Body.Close()
 		err = fmt.Errorf("%w: blob GET answered %d", upstream.ErrInvalidResponse, resp.StatusCode)
@@ -332,6 +353,7 @@ func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState) {
 	close(f.ready)
 
 	written, err := s.copyBlob(ctx, f, up, resp)
+	freeSlot() // the upstream is done with; the commit's fsyncs are not its
 	if err == nil && f.size >= 0 && written != f.size {
 		err = fmt.Errorf("%w: got %d bytes, upstream announced %d", errSizeMismatch, written, f.size)
 	}
@@ -339,10 +361,14 @@ func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState) {
 	spilled := f.spill != nil
 	f.mu.Unlock()
 	if err == nil && !spilled {
+		// Every byte is written and checked (size and digest): the
+		// followers have their last byte now, not after the commit's
+		// fsyncs, which only make the cache's copy durable. They read
+		// the file (open until the last of them goes) whatever the
+		// commit does.
+		f.update(written, true, nil)
 		err = w.Commit(ctx, d, written)
 		if errors.Is(err, cache.ErrFull) {
-			// The bytes were all written but cannot be made safe: not
-			// served from the file either.
 			s.warnFull(log, err)
 		}
 	}

@@ -57,6 +57,8 @@ type upstreamDef struct {
 	// most tests fail an upstream on purpose), probed every breakerBackoff.
 	breaker        int
 	breakerBackoff time.Duration
+	// maxFills bounds the fills at once (the default if 0).
+	maxFills int
 }
 
 // env is ocimirror on a real Badger store in a temporary directory, in front
@@ -169,7 +171,7 @@ func (e *env) open() {
 			t.Fatal(err)
 		}
 		e.clients[u.name] = c
-		ups = append(ups, proxy.Upstream{Client: c, TagTTL: u.ttl, Forward: u.forward})
+		ups = append(ups, proxy.Upstream{Client: c, TagTTL: u.ttl, Forward: u.forward, MaxFills: u.maxFills})
 	}
 	e.srv, err = proxy.New(proxy.Options{Store: e.store, Upstreams: ups, DefaultUpstream: e.defaultName,
 		Hosted: e.hosted, ReadOnly: e.readOnly, MaxUploads: e.maxUploads, MaxUploadsPerClient: e.perClient,

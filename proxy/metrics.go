@@ -60,6 +60,7 @@ type serverMetrics struct {
 
 	// Gauges read at collection.
 	fillsRunning atomic.Int64
+	fillsQueued  atomic.Int64
 	fillWaiters  atomic.Int64
 }
 
@@ -132,6 +133,11 @@ func newServerMetrics(m metric.Meter, s *Server) (*serverMetrics, error) {
 	if err != nil {
 		return nil, err
 	}
+	queued, err := m.Int64ObservableGauge("ocimirror_fills_queued",
+		metric.WithDescription("Blob fills waiting for a slot: an upstream's maxFills are running."))
+	if err != nil {
+		return nil, err
+	}
 	waiters, err := m.Int64ObservableGauge("ocimirror_fill_waiters",
 		metric.WithDescription("Clients being served a blob as a fill delivers it."))
 	if err != nil {
@@ -163,9 +169,10 @@ func newServerMetrics(m metric.Meter, s *Server) (*serverMetrics, error) {
 		}
 		o.ObserveInt64(inFlight, sm.fillsRunning.Load())
 		o.ObserveInt64(waiters, sm.fillWaiters.Load())
+		o.ObserveInt64(queued, sm.fillsQueued.Load())
 		o.ObserveInt64(uploads, int64(s.uploads.open()))
 		return nil
-	}, requests, cacheReqs, served, refSrc, inFlight, waiters, uploads)
+	}, requests, cacheReqs, served, refSrc, inFlight, queued, waiters, uploads)
 	return sm, err
 }
 

@@ -67,6 +67,9 @@ type Upstream struct {
 	TagTTL time.Duration
 	// Forward writes pushes through to the upstream as well.
 	Forward bool
+	// MaxFills bounds the blob fills from this upstream that run at once
+	// (config.DefaultMaxFills if 0); the others wait in order.
+	MaxFills int
 }
 
 // Options configures a Server.
@@ -113,6 +116,8 @@ type upstreamState struct {
 	tagTTL    time.Duration
 	dockerHub bool
 	forward   bool
+	// fillSlots bound the fills running at once (MaxFills).
+	fillSlots chan struct{}
 }
 
 func (u *upstreamState) storeName() string { return u.name }
@@ -233,7 +238,12 @@ func New(o Options) (*Server, error) {
 		if ttl <= 0 {
 			ttl = config.DefaultTagTTL
 		}
-		s.upstreams[name] = &upstreamState{s: s, client: u.Client, name: name, tagTTL: ttl, dockerHub: name == config.DockerHub, forward: u.Forward}
+		maxFills := u.MaxFills
+		if maxFills <= 0 {
+			maxFills = config.DefaultMaxFills
+		}
+		s.upstreams[name] = &upstreamState{s: s, client: u.Client, name: name, tagTTL: ttl, dockerHub: name == config.DockerHub,
+			forward: u.Forward, fillSlots: make(chan struct{}, maxFills)}
 	}
 	if o.DefaultUpstream != "" {
 		s.defaultUpstream = s.upstreams[strings.ToLower(o.DefaultUpstream)]

@@ -202,7 +202,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 			return err
 		}
 		clients[c.Name()] = c
-		ups = append(ups, proxy.Upstream{Client: c, TagTTL: u.TagTTL.Duration, Forward: u.Push == config.PushForward})
+		ups = append(ups, proxy.Upstream{Client: c, TagTTL: u.TagTTL.Duration, Forward: u.Push == config.PushForward, MaxFills: u.MaxFills})
 	}
 	authn, closeAuth, err := newAuthenticator(cfg, logger, tel)
 	if err != nil {

@@ -677,6 +677,7 @@ var specSeries = map[string]string{
 	"ocimirror_upstream_up":                       "gauge",
 	"ocimirror_fills_in_flight":                   "gauge",
 	"ocimirror_fill_waiters":                      "gauge",
+	"ocimirror_fills_queued":                      "gauge",
 	"ocimirror_store_bytes":                       "gauge",
 	"ocimirror_store_budget_bytes":                "gauge",
 	"ocimirror_store_pinned_bytes":                "gauge",
@@ -942,6 +943,7 @@ func fakeExposition(n int) string {
 	family("ocimirror_upstream_up", "gauge", `ocimirror_upstream_up{upstream="docker.io"} 1`, `ocimirror_upstream_up{upstream="ghcr.io"} 0`)
 	family("ocimirror_fills_in_flight", "gauge", "ocimirror_fills_in_flight 1")
 	family("ocimirror_fill_waiters", "gauge", "ocimirror_fill_waiters 3")
+	family("ocimirror_fills_queued", "gauge", "ocimirror_fills_queued 0")
 	family("ocimirror_store_bytes", "gauge", "ocimirror_store_bytes 950")
 	family("ocimirror_store_budget_bytes", "gauge", "ocimirror_store_budget_bytes 1000")
 	family("ocimirror_store_pinned_bytes", "gauge", "ocimirror_store_pinned_bytes 900")
