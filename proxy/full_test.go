@@ -212,7 +212,9 @@ func TestProxy_Full_StreamsWithoutStoring(t *testing.T) {
 // the others finish. One that comes after the window has passed its start
 // gets a stream of its own.
 func TestProxy_Full_SlowAndLateFollowers(t *testing.T) {
-	defer proxy.SetSpillStall(time.Second)()
+	// Long enough that a busy machine (-race, CI) never stalls a client
+	// that does read.
+	defer proxy.SetSpillStall(3 * time.Second)()
 	e, reg := start(t, withBudget(cache.Budget{MaxSize: 1})) // never room
 	big := registrytest.RandomBytes(48 << 20)
 	d := reg.PushBlob(t, "app", big)
@@ -269,7 +271,7 @@ func TestProxy_Full_SlowAndLateFollowers(t *testing.T) {
 	}()
 	late := e.get("/v2/app/blobs/" + d.String())
 	if late.status != 200 || digest.FromBytes(late.body) != d {
-		t.Fatalf("the late client: status %d, %d bytes", late.status, len(late.body))
+		t.Fatalf("the late client: status %d, %d bytes, %v", late.status, len(late.body), late.err)
 	}
 	res := <-firstC
 	if res.err != nil || digest.FromBytes(append(head, res.rest...)) != d {
