@@ -84,6 +84,13 @@ type BlobWriter interface {
 	Cancel(ctx context.Context) error
 }
 
+// FileOpener is a BlobWriter whose bytes written so far can be read from
+// an *os.File of the caller's own (for sendfile): the caller closes it,
+// and reads no further than what was written.
+type FileOpener interface {
+	OpenFile() (*os.File, error)
+}
+
 // Toucher records that a blob was served; stores that keep last access
 // times implement it.
 type Toucher interface {

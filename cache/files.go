@@ -160,6 +160,8 @@ type fileWriter struct {
 	f    *os.File
 	size atomic.Int64
 	done atomic.Bool
+	// committed is the digest the file was committed as ("" before).
+	committed atomic.Pointer[digest.Digest]
 
 	closeOnce sync.Once
 	closeErr  error
@@ -201,6 +203,20 @@ func (w *fileWriter) ReadAt(p []byte, off int64) (int, error) {
 	return n, err
 }
 
+// OpenFile implements FileOpener: the temporary file, or once committed
+// the blob's file (the same bytes).
+func (w *fileWriter) OpenFile() (*os.File, error) {
+	f, err := os.Open(w.f.Name())
+	if errors.Is(err, fs.ErrNotExist) {
+		if d := w.committed.Load(); d != nil {
+			return w.s.files.open(*d)
+		}
+	}
+	return f, err
+}
+
+var _ FileOpener = (*fileWriter)(nil)
+
 // Commit fsyncs the file and renames it into place, then indexes it. When
 // another writer committed the same digest first, that copy stays and this
 // file goes at Close.
@@ -214,6 +230,7 @@ func (w *fileWriter) Commit(_ context.Context, d digest.Digest, size int64) erro
 	if err := w.s.commitFile(w.f, d, size); err != nil {
 		return fmt.Errorf("cache: commit %s: %w", d, err)
 	}
+	w.committed.Store(&d)
 	w.done.Store(true)
 	w.s.Touch(d)
 	return nil

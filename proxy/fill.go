@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -203,6 +204,17 @@ func (s *Server) privateFill(ctx context.Context, q *request) (*blobFill, *reade
 	s.work.Add(1)
 	go s.runFill(trace.ContextWithSpanContext(s.ctx, trace.SpanContextFromContext(ctx)), f, q.up)
 	return f, rd
+}
+
+// inFile is where the bytes from off on that the fill's file holds end,
+// up to limit: all of them, or those before a spill's start.
+func (f *blobFill) inFile(off, limit int64) int64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.spill == nil {
+		return limit
+	}
+	return min(limit, f.spill.start)
 }
 
 // unstored reports whether the fill streams past the store (it was full).
@@ -632,9 +644,17 @@ func (f *blobFill) readAt(r *reader, p []byte, off int64) (int, error) {
 // sees a clean end of a body that turns out wrong: it sees a cut connection.
 // The follower has seeked to start.
 func (s *Server) follow(ctx context.Context, w deadlineWriter, f *blobFill, rd *reader, start, end int64) error {
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	buf := *bp
+	// What the fill has written to its file goes out with sendfile, from
+	// a file of this follower's own: no copy, no buffer. Bytes past a
+	// spill (a full store) go through the buffer.
+	var file *os.File
+	if fo, ok := f.w.(cache.FileOpener); ok {
+		if fl, err := fo.OpenFile(); err == nil {
+			file = fl
+			defer file.Close()
+		}
+	}
+	var buf []byte
 	off := start
 	var last []byte // the held-back last byte, once read
 	for {
@@ -669,7 +689,29 @@ func (s *Server) follow(ctx context.Context, w deadlineWriter, f *blobFill, rd *
 				limit = min(limit, total-1)
 			}
 		}
+		if file != nil && off < limit && last == nil {
+			if upto := f.inFile(off, limit); upto > off {
+				if _, err := file.Seek(off, io.SeekStart); err != nil {
+					return errAbort{err}
+				}
+				n, err := w.copyFrom(file, min(upto-off, sendFileStep))
+				off += n
+				f.advance(rd, off)
+				if err != nil {
+					if errors.Is(err, io.EOF) {
+						err = errAbort{io.ErrUnexpectedEOF}
+					}
+					return err
+				}
+				continue
+			}
+		}
 		if off < limit && last == nil {
+			if buf == nil {
+				bp := bufPool.Get().(*[]byte)
+				defer bufPool.Put(bp)
+				buf = *bp
+			}
 			n := int(min(int64(len(buf)), limit-off))
 			n, err := f.readAt(rd, buf[:n], off)
 			if err != nil {
