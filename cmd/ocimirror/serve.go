@@ -219,7 +219,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		Hosted: cfg.Hosted, ReadOnly: cfg.ReadOnly, Pins: cfg.Storage.Pin, Sync: syncs,
 		MaxUploads: cfg.Uploads.Max, MaxUploadsPerClient: cfg.Uploads.PerClient, UploadIdle: cfg.Uploads.Idle.Duration,
 		TagListBytes: cfg.Cache.TagListBytes.Bytes, Auth: authn,
-		Logger:       logger, TracerProvider: tp, MeterProvider: tel.provider,
+		Logger: logger, TracerProvider: tp, MeterProvider: tel.provider,
 	})
 	if err != nil {
 		return err
