@@ -641,38 +641,22 @@ func fetch(c *http.Client, u, want string, size int64, accept string) (int64, er
 
 // stampede has n clients GET one uncached blob at the same moment.
 func stampede(c *http.Client, t *target, blob string, size, n int) (gets int, secs float64, err error) {
-	path := "/v2/" + repo + "/blobs/" + blob
-	start := make(chan struct{})
-	errs := make(chan error, n)
-	var wg sync.WaitGroup
-	for i := 0; i < n; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			<-start
-			_, err := fetch(c, t.url+path, blob, int64(size), "")
-			errs <- err
-		}()
-	}
-	time.Sleep(100 * time.Millisecond)
-	t0 := time.Now()
-	close(start)
-	wg.Wait()
-	secs = time.Since(t0).Seconds()
-	close(errs)
-	for e := range errs {
-		if e != nil {
-			return 0, 0, e
-		}
-	}
-	return t.counter.count(http.MethodGet, path), secs, nil
+	secs, gets, err = pullAtOnce(c, t, []string{blob}, size, n)
+	return gets, secs, err
 }
 
 // coldStart has per clients pull each of the distinct uncached blobs, all
 // at once, every digest verified; it returns the wall time and the
-// upstream GETs of those blobs.
+// upstream GETs of those blobs, and the phase's peak RssAnon is t.mem's.
 func coldStart(c *http.Client, t *target, blobs []string, size, per int) (secs float64, gets int, err error) {
 	t.mem.resetPhase(t.cmd.Process.Pid)
+	return pullAtOnce(c, t, blobs, size, per)
+}
+
+// pullAtOnce has per clients GET each blob, all released at the same
+// moment, every digest verified; it returns the wall time and the
+// upstream GETs of those blobs.
+func pullAtOnce(c *http.Client, t *target, blobs []string, size, per int) (secs float64, gets int, err error) {
 	start := make(chan struct{})
 	errs := make(chan error, len(blobs)*per)
 	var wg sync.WaitGroup
