@@ -60,6 +60,7 @@ var install = map[string]string{
 	"regctl":          "test/tools/install.sh regctl",
 	"crane":           "test/tools/install.sh crane",
 	"oci-conformance": "test/tools/install.sh oci-conformance",
+	"weed":            "test/tools/install.sh weed",
 	"docker-registry": "apt-get install -y docker-registry",
 	"containerd":      "apt-get install -y containerd",
 	"ctr":             "apt-get install -y containerd",
