@@ -150,7 +150,9 @@ type Server struct {
 	pins      []pin
 	// spills are the slots of fills streaming past a full store;
 	// fullWarned is when that was last logged (unix nanoseconds).
-	spills     chan struct{}
+	spills chan struct{}
+	// commits lets one large fill commit at a time.
+	commits    chan struct{}
 	fullWarned atomic.Int64
 	tagLists   *lru.Sized[string, tagList]
 	uploads    uploads
@@ -224,6 +226,7 @@ func New(o Options) (*Server, error) {
 	}
 	s.fills.m = map[fillKey]*blobFill{}
 	s.spills = make(chan struct{}, maxSpills)
+	s.commits = make(chan struct{}, 1)
 	s.uploads = newUploads(o.MaxUploads, o.MaxUploadsPerClient, o.UploadIdle)
 	s.bodyIdle = o.BodyIdle
 	if s.bodyIdle <= 0 {
