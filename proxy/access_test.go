@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/opencontainers/go-digest"
+
 	"github.com/ocimirror/ocimirror/auth"
 	"github.com/ocimirror/ocimirror/config"
 	"github.com/ocimirror/ocimirror/internal/registrytest"
@@ -171,10 +173,15 @@ func TestProxy_Access_Anonymous(t *testing.T) {
 	e, reg := startWithAuth(t)
 	img := reg.PushImage(t, "library/alpine", "3", 1000)
 	for _, p := range []string{"/v2/library/alpine/manifests/3", "/v2/" + reg.Host + "/library/alpine/manifests/3",
-		"/v2/library/alpine/manifests/3?ns=" + reg.Host, "/v2/alpine/manifests/3"} {
-		if r := e.get(p); p != "/v2/alpine/manifests/3" && r.status != 200 {
+		"/v2/library/alpine/manifests/3?ns=" + reg.Host} {
+		if r := e.get(p); r.status != 200 || digest.FromBytes(r.body) != img.Digest {
 			t.Errorf("anonymous %s: %d %s", p, r.status, r.body)
 		}
+	}
+	// This upstream is not docker.io: alpine is not library/alpine, and
+	// no rule lets anonymous clients read it.
+	if r := e.get("/v2/alpine/manifests/3"); r.status != 401 {
+		t.Errorf("anonymous /v2/alpine/manifests/3: %d, want 401", r.status)
 	}
 	if r := e.get("/v2/library/alpine/blobs/" + img.LayerDigests[0].String()); r.status != 200 {
 		t.Errorf("anonymous blob: %d", r.status)

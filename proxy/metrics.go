@@ -193,7 +193,7 @@ func (sm *serverMetrics) record(ctx context.Context, r *http.Request, q *request
 	if status < 100 || status > 599 {
 		status = 0
 	}
-	sm.countRequest(route, methodLabel(r.Method), status)
+	sm.countRequest(route, upstream.MethodLabel(r.Method), status)
 	sm.duration.Record(ctx, seconds, sm.byRoute[route])
 	if q.up == nil || (r.Method != http.MethodGet && r.Method != http.MethodHead) {
 		return // hosted content, and writes, are not the cache's
@@ -292,13 +292,4 @@ func routeLabel(op string, r *http.Request) string {
 		return "catalog"
 	}
 	return "base"
-}
-
-// methodLabel is the method when it is one of the API's, else "other".
-func methodLabel(m string) string {
-	switch m {
-	case http.MethodGet, http.MethodHead, http.MethodPut, http.MethodPost, http.MethodPatch, http.MethodDelete:
-		return m
-	}
-	return "other"
 }

@@ -106,15 +106,16 @@ func (t meteredTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			code = 0
 		}
 	}
-	t.m.requests.Add(ctx, 1, t.m.requestAttrs(methodLabel(req.Method), code))
+	t.m.requests.Add(ctx, 1, t.m.requestAttrs(MethodLabel(req.Method), code))
 	if err == nil && resp.Body != nil && resp.Body != http.NoBody {
 		resp.Body = &countingBody{ReadCloser: resp.Body, m: t.m}
 	}
 	return resp, err
 }
 
-// methodLabel is method when it is one the client sends, else "other".
-func methodLabel(m string) string {
+// MethodLabel is a method as a metric label: one of the registry API's,
+// else "other" (a client chooses the method: the label set stays bounded).
+func MethodLabel(m string) string {
 	switch m {
 	case http.MethodGet, http.MethodHead, http.MethodPut, http.MethodPost, http.MethodPatch, http.MethodDelete:
 		return m
