@@ -22,6 +22,11 @@ import (
 type Options struct {
 	// Ping checks that the store is open and writable.
 	Ping func(ctx context.Context) error
+	// Shared, when set, asks the shared tier (storage.s3) whether it
+	// answers.
+	Shared func(ctx context.Context) error
+	// Members, when set, lists the cluster's replicas as this one sees them.
+	Members func() []string
 	// Upstreams are the mirrored registries, by name.
 	Upstreams map[string]*upstream.Client
 	// Offline says the whole mirror is offline.
@@ -113,6 +118,8 @@ const pingTimeout = 5 * time.Second
 //   - GET /readyz: 200 when the store is open and writable, else 503. The
 //     body gives each upstream's state; an upstream that is down or
 //     offline does not make ocimirror unready (it serves from its cache);
+//     nor does a shared tier that does not answer: "shared" says "down:
+//     ..." and "status" "degraded";
 //   - GET /metrics: the Prometheus exposition of every metric;
 //   - POST /import[?repository=NAME]: the body is a bundle, imported as it
 //     arrives (see bundle.Import). 200 with what was imported (JSON), or
@@ -211,10 +218,25 @@ func Handler(o Options) http.Handler {
 		body := struct {
 			Status    string                   `json:"status"`
 			Store     string                   `json:"store"`
+			Shared    string                   `json:"shared,omitempty"`
+			Members   []string                 `json:"members,omitempty"`
 			Offline   bool                     `json:"offline,omitempty"`
 			Upstreams map[string]UpstreamState `json:"upstreams"`
 		}{Status: "ready", Store: "ok", Offline: o.Offline, Upstreams: upstreamStates(o.Upstreams)}
 		status := http.StatusOK
+		if o.Shared != nil {
+			// A shared tier that does not answer leaves the replica
+			// serving what its local tier holds: degraded, still
+			// ready, like an upstream that is down (a balancer that
+			// took every replica out would serve nothing at all).
+			body.Shared = "ok"
+			if err := o.Shared(ctx); err != nil {
+				body.Status, body.Shared = "degraded", "down: "+err.Error()
+			}
+		}
+		if o.Members != nil {
+			body.Members = o.Members()
+		}
 		if err := o.Ping(ctx); err != nil {
 			body.Status, body.Store, status = "not ready", err.Error(), http.StatusServiceUnavailable
 		}

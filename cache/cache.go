@@ -240,3 +240,23 @@ type RepoLinks interface {
 	// with OriginUpstream: the bytes came from that upstream.
 	UpstreamHolds(ctx context.Context, upstream string, kind LinkKind, d digest.Digest) (bool, error)
 }
+
+// SharedBlobs is a tier of blobs that several replicas share (a bucket):
+// a replica that misses locally reads it before asking an upstream, and
+// puts there what it fetched from one (tiered.Store).
+type SharedBlobs interface {
+	// StatShared returns the size of blob d in the shared tier, or
+	// ErrNotFound (also when the tier does not answer).
+	StatShared(ctx context.Context, d digest.Digest) (int64, error)
+	// OpenShared reads blob d from the shared tier from offset on.
+	OpenShared(ctx context.Context, d digest.Digest, offset int64) (io.ReadCloser, error)
+	// ShareBlob puts the committed local blob d in the shared tier,
+	// unless it is there.
+	ShareBlob(ctx context.Context, d digest.Digest) error
+}
+
+// ConditionalTagDeleter deletes a tag only while it points at a digest,
+// against writers the store does not serialize (another replica).
+type ConditionalTagDeleter interface {
+	DeleteTagIf(ctx context.Context, k TagKey, d digest.Digest) error
+}

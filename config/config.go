@@ -56,6 +56,8 @@ type Config struct {
 	Log Log `yaml:"log"`
 	// ShutdownTimeout bounds how long SIGTERM waits for in-flight work.
 	ShutdownTimeout Duration `yaml:"shutdownTimeout"`
+	// Cluster, when set, makes this process one replica of several sharing storage.s3.
+	Cluster *Cluster `yaml:"cluster"`
 }
 
 // Sync is a repository the mirror keeps warm: its matching tags are
@@ -111,6 +113,46 @@ type Storage struct {
 	GCGrace Duration `yaml:"gcGrace"`
 	// Pin are images eviction keeps, as a client pulls them through ocimirror (docker.io/library/alpine:3.20, ghcr.io/org/app@sha256:...): the image, every platform of an index, and all their referrers.
 	Pin []string `yaml:"pin"`
+	// S3, when set, is the shared tier of a cluster: an S3-compatible bucket under the local store (README "Scale out").
+	S3 *S3 `yaml:"s3"`
+}
+
+// S3 is an S3-compatible bucket (AWS S3, SeaweedFS, MinIO, Ceph RGW).
+type S3 struct {
+	// Endpoint is the store's host:port or http(s)://host:port.
+	Endpoint string `yaml:"endpoint"`
+	// Bucket holds everything the shared tier stores; it must exist.
+	Bucket string `yaml:"bucket"`
+	// Region is the bucket's region (us-east-1).
+	Region string `yaml:"region"`
+	// AccessKeyFile and SecretKeyFile hold the credentials; unset, the standard AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ~/.aws/credentials), else anonymous.
+	AccessKeyFile string `yaml:"accessKeyFile"`
+	SecretKeyFile string `yaml:"secretKeyFile"`
+	// PathStyle addresses the bucket as endpoint/bucket, as SeaweedFS and MinIO need (false: bucket.endpoint).
+	PathStyle bool `yaml:"pathStyle"`
+	// TLS speaks HTTPS to a host:port endpoint (true); an http:// or https:// endpoint says it itself.
+	TLS *bool `yaml:"tls"`
+}
+
+// Cluster makes this process one of several replicas (README "Scale out").
+type Cluster struct {
+	// Self is this replica's registry URL as the others reach it (http://10.0.0.5:5000); --cluster-self sets it.
+	Self string `yaml:"self"`
+	// Peers are the replicas' registry URLs, self included, or dns+http://name:port for every address a DNS name has (a Kubernetes headless service), re-resolved every Refresh.
+	Peers []string `yaml:"peers"`
+	// SecretFile holds the shared secret that authenticates the calls between replicas.
+	SecretFile string `yaml:"secretFile"`
+	// Refresh is how often DNS peers are resolved again (10s).
+	Refresh Duration `yaml:"refresh"`
+}
+
+// Secret reads the cluster's shared secret.
+func (c Cluster) Secret(log *slog.Logger) (string, error) {
+	v, err := secret("", "cluster.secretFile", c.SecretFile, "", "", log)
+	if err == nil && len(v) < 16 {
+		return "", fmt.Errorf("cluster.secretFile: %q holds %d characters; want at least 16", c.SecretFile, len(v))
+	}
+	return v, err
 }
 
 // Cache configures what is held in memory above the store. Every part is
@@ -398,6 +440,12 @@ func (c *Config) merge(f Config) {
 	if f.Storage.Pin != nil {
 		c.Storage.Pin = f.Storage.Pin
 	}
+	if f.Storage.S3 != nil {
+		c.Storage.S3 = f.Storage.S3
+	}
+	if f.Cluster != nil {
+		c.Cluster = f.Cluster
+	}
 	if f.Storage.HighWatermark != 0 {
 		c.Storage.HighWatermark = f.Storage.HighWatermark
 	}
@@ -508,6 +556,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Storage.Path == "" {
 		return errors.New("storage.path: must not be empty")
+	}
+	if err := c.validateScaleOut(); err != nil {
+		return err
 	}
 	if err := c.Storage.MaxSize.parse("storage.maxSize", maxDiskSize); err != nil {
 		return err
@@ -816,3 +867,80 @@ func expandHome(p string) string {
 
 // ExpandHome resolves a leading ~/ in a configured path.
 func ExpandHome(p string) string { return expandHome(p) }
+
+// validateScaleOut checks storage.s3 and cluster.
+func (c *Config) validateScaleOut() error {
+	if s := c.Storage.S3; s != nil {
+		if s.Endpoint == "" {
+			return errors.New("storage.s3.endpoint: must not be empty")
+		}
+		if strings.Contains(s.Endpoint, "://") {
+			u, err := url.Parse(s.Endpoint)
+			if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || strings.Trim(u.Path, "/") != "" {
+				return fmt.Errorf("storage.s3.endpoint: %q: want host:port or http(s)://host:port", s.Endpoint)
+			}
+		}
+		if s.Bucket == "" {
+			return errors.New("storage.s3.bucket: must not be empty")
+		}
+		if (s.AccessKeyFile == "") != (s.SecretKeyFile == "") {
+			return fmt.Errorf("storage.s3.accessKeyFile: %q and secretKeyFile %q: set both or neither", s.AccessKeyFile, s.SecretKeyFile)
+		}
+		if s.Region == "" {
+			s.Region = "us-east-1"
+		}
+	}
+	cl := c.Cluster
+	if cl == nil {
+		return nil
+	}
+	if c.Storage.S3 == nil {
+		return errors.New("cluster: needs storage.s3, the tier the replicas share")
+	}
+	if cl.Self == "" {
+		return errors.New("cluster.self: must not be empty (or give --cluster-self)")
+	}
+	if err := memberURL(cl.Self); err != nil {
+		return fmt.Errorf("cluster.self: %w", err)
+	}
+	if len(cl.Peers) == 0 {
+		return errors.New("cluster.peers: must not be empty")
+	}
+	if len(cl.Peers) > maxPeers {
+		return fmt.Errorf("cluster.peers: %d entries, at most %d", len(cl.Peers), maxPeers)
+	}
+	for i, p := range cl.Peers {
+		if rest, ok := strings.CutPrefix(p, "dns+"); ok {
+			u, err := url.Parse(rest)
+			if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Hostname() == "" || u.Port() == "" || strings.Trim(u.Path, "/") != "" {
+				return fmt.Errorf("cluster.peers[%d]: %q: want dns+http(s)://name:port", i, p)
+			}
+			continue
+		}
+		if err := memberURL(p); err != nil {
+			return fmt.Errorf("cluster.peers[%d]: %w", i, err)
+		}
+	}
+	if cl.SecretFile == "" {
+		return errors.New("cluster.secretFile: must not be empty")
+	}
+	if err := cl.Refresh.parse("cluster.refresh"); err != nil {
+		return err
+	}
+	if cl.Refresh.Duration != 0 && cl.Refresh.Duration < time.Second {
+		return fmt.Errorf("cluster.refresh: %s must be at least 1s", cl.Refresh.Duration)
+	}
+	return nil
+}
+
+// maxPeers bounds cluster.peers.
+const maxPeers = 256
+
+// memberURL checks a replica's URL: http(s)://host:port and nothing more.
+func memberURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || strings.Trim(u.Path, "/") != "" || u.RawQuery != "" || u.User != nil {
+		return fmt.Errorf("%q: want http(s)://host:port", s)
+	}
+	return nil
+}

@@ -6,10 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net/http"
 	"os"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -56,6 +53,9 @@ type blobFill struct {
 	// private fills are not in the set: they serve one client that came
 	// too late to follow an unstored fill.
 	private bool
+	// fromPeer: another replica asked for the blob, as its owner: the
+	// fill asks no peer in turn.
+	fromPeer bool
 
 	// ready is closed once the upstream has answered; size, w and startErr
 	// are set before and never change after. w is nil when the fill does
@@ -73,7 +73,8 @@ type blobFill struct {
 	ended chan struct{}
 
 	mu    sync.Mutex
-	avail int64 // bytes readable, through w or the spill
+	from  string // the peer the fill reads from now ("" for none)
+	avail int64  // bytes readable, through w or the spill
 	done  bool
 	err   error         // why the fill failed; set with done
 	wake  chan struct{} // closed and replaced whenever the above change
@@ -154,6 +155,9 @@ func (s *Server) joinFill(ctx context.Context, q *request) (f *blobFill, rd *rea
 	s.fills.mu.Lock()
 	defer s.fills.mu.Unlock()
 	if f := s.fills.m[key]; f != nil {
+		if f.readsFrom(q.peer) {
+			return nil, nil, false, errPeerCycle
+		}
 		f.users.Add(1)
 		return f, f.addReader(), false, nil
 	}
@@ -164,6 +168,7 @@ func (s *Server) joinFill(ctx context.Context, q *request) (f *blobFill, rd *rea
 		return nil, nil, false, err
 	}
 	f, rd = newFill(key, q.repo)
+	f.fromPeer = q.fromPeer
 	s.fills.m[key] = f
 	s.work.Add(1)
 	fctx := trace.ContextWithSpanContext(s.ctx, trace.SpanContextFromContext(ctx))
@@ -192,6 +197,7 @@ func (s *Server) rejoinFill(ctx context.Context, q *request, old *blobFill) (*bl
 		return f, f.addReader()
 	}
 	f, rd := newFill(key, q.repo)
+	f.fromPeer = q.fromPeer
 	s.fills.m[key] = f
 	s.work.Add(1)
 	go s.runFill(trace.ContextWithSpanContext(s.ctx, trace.SpanContextFromContext(ctx)), f, q.up)
@@ -204,6 +210,7 @@ func (s *Server) rejoinFill(ctx context.Context, q *request, old *blobFill) (*bl
 func (s *Server) privateFill(ctx context.Context, q *request) (*blobFill, *reader) {
 	f, rd := newFill(fillKey{upstream: q.up.name, digest: q.dgst}, q.repo)
 	f.private = true
+	f.fromPeer = q.fromPeer
 	s.work.Add(1)
 	go s.runFill(trace.ContextWithSpanContext(s.ctx, trace.SpanContextFromContext(ctx)), f, q.up)
 	return f, rd
@@ -308,32 +315,15 @@ func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState) {
 	log := s.log.With("upstream", up.name, "repo", f.repo, "digest", d)
 	start := time.Now()
 
-	// At most MaxFills fills of an upstream run at once; the others wait
-	// their turn, first come first served (a channel's waiting senders
-	// are woken in order), and are never refused.
-	var resp *http.Response
-	var err error
-	freeSlot := func() {}
-	s.metrics.fillsQueued.Add(1)
-	select {
-	case up.fillSlots <- struct{}{}:
-		s.metrics.fillsQueued.Add(-1)
-		var once sync.Once
-		freeSlot = func() { once.Do(func() { <-up.fillSlots }) }
-		defer freeSlot()
-		resp, err = up.client.Blob(ctx, http.MethodGet, f.repo, d, 0, 0)
-	case <-ctx.Done():
-		s.metrics.fillsQueued.Add(-1)
-		err = ctx.Err()
-	}
-	if err == nil && resp.StatusCode != http.StatusOK {
-		resp.Body.Close()
-		err = fmt.Errorf("%w: blob GET answered %d", upstream.ErrInvalidResponse, resp.StatusCode)
-	}
+	// The sources in order (fillPlan); at most MaxFills fills of an
+	// upstream read from it at once, the others wait their turn.
+	plan := s.newFillPlan(f, up)
+	defer plan.close()
+	body, size, err := plan.open(ctx, 0, -1)
 	var w cache.BlobWriter
 	unreserve := func() {}
 	if err == nil && !f.private {
-		unreserve, err = s.store.Reserve(ctx, resp.ContentLength)
+		unreserve, err = s.store.Reserve(ctx, size)
 		if errors.Is(err, cache.ErrFull) {
 			s.warnFull(log, err)
 			unreserve, err = func() {}, nil
@@ -343,12 +333,12 @@ func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState) {
 			}
 		}
 		if err != nil {
-			resp.Body.Close()
+			body.Close()
 		}
 	}
 	if err == nil && w == nil {
 		if err = s.takeSpillSlot(ctx); err != nil {
-			resp.Body.Close()
+			body.Close()
 		}
 		f.slot = err == nil
 	}
@@ -359,7 +349,7 @@ func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState) {
 		return
 	}
 	defer unreserve()
-	f.size, f.w = resp.ContentLength, w
+	f.size, f.w = size, w
 	if w == nil {
 		f.mu.Lock()
 		f.spill = &spill{buf: make([]byte, spillWindow)}
@@ -367,8 +357,8 @@ func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState) {
 	}
 	close(f.ready)
 
-	written, err := s.copyBlob(ctx, f, up, resp)
-	freeSlot() // the upstream is done with; the commit's fsyncs are not its
+	written, err := s.copyBlob(ctx, f, plan, body)
+	plan.close() // the upstream is done with; the commit's fsyncs are not its
 	if err == nil && f.size >= 0 && written != f.size {
 		err = fmt.Errorf("%w: got %d bytes, upstream announced %d", errSizeMismatch, written, f.size)
 	}
@@ -427,24 +417,27 @@ func (s *Server) runFill(ctx context.Context, f *blobFill, up *upstreamState) {
 	log.Debug("blob fill committed", "bytes", written, "duration", time.Since(start))
 	s.endFill(f)
 	f.update(written, true, nil)
+	if plan.fromUpstream {
+		s.shareFilled(context.WithoutCancel(ctx), f)
+	}
 }
 
-// copyBlob copies the body into f.w and hashes it, resuming a broken body.
-// It returns the byte count, or an error when the bytes are not the digest's.
-func (s *Server) copyBlob(ctx context.Context, f *blobFill, up *upstreamState, resp *http.Response) (int64, error) {
+// copyBlob copies the body into f.w and hashes it; a body that breaks is
+// taken up by the plan's next source at the offset reached. It returns the
+// byte count, or an error when the bytes are not the digest's.
+func (s *Server) copyBlob(ctx context.Context, f *blobFill, plan *fillPlan, body io.ReadCloser) (int64, error) {
 	d := f.key.digest
 	h := d.Algorithm().Hash()
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
 	var written int64
-	body := resp.Body
 	defer func() {
 		if body != nil {
 			body.Close()
 		}
 	}()
-	for resumes := 0; ; {
+	for {
 		n, err := body.Read(buf)
 		if n > 0 {
 			if f.size >= 0 && written+int64(n) > f.size {
@@ -461,23 +454,22 @@ func (s *Server) copyBlob(ctx context.Context, f *blobFill, up *upstreamState, r
 			continue
 		}
 		if errors.Is(err, io.EOF) {
-			break
+			if f.size < 0 || written == f.size {
+				break
+			}
+			err = io.ErrUnexpectedEOF
 		}
-		if ctx.Err() != nil || resumes >= maxResumes {
+		if ctx.Err() != nil {
 			return written, fmt.Errorf("%w: reading blob: %v", upstream.ErrUnavailable, err)
 		}
-		resumes++
 		body.Close()
 		body = nil
-		s.log.Debug("blob body broke; resuming", "upstream", up.name, "digest", d, "offset", written, "err", err)
-		next, rerr := up.client.Blob(ctx, http.MethodGet, f.repo, d, written, f.size)
+		s.log.Debug("blob body broke", "upstream", f.key.upstream, "digest", d, "offset", written, "err", err)
+		next, _, rerr := plan.open(ctx, written, f.size)
 		if rerr != nil {
-			return written, rerr
+			return written, fmt.Errorf("%w (the body broke at %d: %v)", rerr, written, err)
 		}
-		body = next.Body
-		if next.StatusCode != http.StatusPartialContent || !strings.HasPrefix(next.Header.Get("Content-Range"), "bytes "+strconv.FormatInt(written, 10)+"-") {
-			return written, fmt.Errorf("%w: resume at %d answered %d %q", upstream.ErrUnavailable, written, next.StatusCode, next.Header.Get("Content-Range"))
-		}
+		body = next
 	}
 	if got := digest.NewDigest(d.Algorithm(), h); got != d {
 		return written, fmt.Errorf("%w: blob hashes to %s", errDigestMismatch, got)

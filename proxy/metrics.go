@@ -62,6 +62,9 @@ type serverMetrics struct {
 	fillsRunning atomic.Int64
 	fillsQueued  atomic.Int64
 	fillWaiters  atomic.Int64
+
+	// fillSources counts where fills read blobs from.
+	fillSources struct{ shared, peer, upstream atomic.Int64 }
 }
 
 type requestLabels struct {
@@ -148,7 +151,19 @@ func newServerMetrics(m metric.Meter, s *Server) (*serverMetrics, error) {
 	if err != nil {
 		return nil, err
 	}
+	sources, err := m.Int64ObservableCounter("ocimirror_fill_sources_total",
+		metric.WithDescription("Blob fill reads by source: the shared tier, a peer replica (the digest's owner), the upstream; a fill that hands over mid-blob counts each."))
+	if err != nil {
+		return nil, err
+	}
+	sourceAttrs := [3]metric.ObserveOption{}
+	for i, n := range []string{"shared", "peer", "upstream"} {
+		sourceAttrs[i] = metric.WithAttributes(attribute.String("source", n))
+	}
 	sm.reg, err = m.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		o.ObserveInt64(sources, sm.fillSources.shared.Load(), sourceAttrs[0])
+		o.ObserveInt64(sources, sm.fillSources.peer.Load(), sourceAttrs[1])
+		o.ObserveInt64(sources, sm.fillSources.upstream.Load(), sourceAttrs[2])
 		sm.requests.Range(func(_, v any) bool {
 			c := v.(*requestCount)
 			o.ObserveInt64(requests, c.n.Load(), c.attrs)
@@ -172,7 +187,7 @@ func newServerMetrics(m metric.Meter, s *Server) (*serverMetrics, error) {
 		o.ObserveInt64(queued, sm.fillsQueued.Load())
 		o.ObserveInt64(uploads, int64(s.uploads.open()))
 		return nil
-	}, requests, cacheReqs, served, refSrc, inFlight, queued, waiters, uploads)
+	}, requests, cacheReqs, served, refSrc, inFlight, queued, waiters, uploads, sources)
 	return sm, err
 }
 

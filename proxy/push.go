@@ -386,7 +386,16 @@ func (s *Server) forgetManifest(ctx context.Context, q *request, d, subject dige
 	if err != nil {
 		return err
 	}
+	cd, conditional := s.store.(cache.ConditionalTagDeleter)
 	for _, t := range tags {
+		if conditional {
+			// A shared tier lists tags by name: each is checked, and
+			// deleted only while it still points at d.
+			if err := cd.DeleteTagIf(ctx, cache.TagKey{Upstream: q.src.storeName(), Repo: q.repo, Tag: t.Name}, d); err != nil {
+				return err
+			}
+			continue
+		}
 		if t.Digest == d {
 			if err := s.store.DeleteTag(ctx, cache.TagKey{Upstream: q.src.storeName(), Repo: q.repo, Tag: t.Name}); err != nil {
 				return err

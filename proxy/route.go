@@ -40,6 +40,10 @@ type request struct {
 	cache string
 	// id is who made the request (with auth).
 	id auth.Identity
+	// fromPeer: another replica of the cluster made the request, for the
+	// blob it wants from this one as the digest's owner; peer is its URL.
+	fromPeer bool
+	peer     string
 }
 
 // canonicalName is the repository's name as access rules see it, however

@@ -28,6 +28,7 @@ import (
 
 	"github.com/ocimirror/ocimirror/auth"
 	"github.com/ocimirror/ocimirror/cache"
+	"github.com/ocimirror/ocimirror/cluster"
 	"github.com/ocimirror/ocimirror/config"
 	"github.com/ocimirror/ocimirror/internal/flight"
 	"github.com/ocimirror/ocimirror/internal/lru"
@@ -106,6 +107,11 @@ type Options struct {
 	Auth *auth.Authenticator
 	// Clock is the time source (tests); time.Now if nil.
 	Clock func() time.Time
+	// Cluster, when set, makes this server one replica of several: a
+	// blob missed here is read from the digest's owner replica, which
+	// alone fills it from the upstream. With a Store that is a
+	// cache.SharedBlobs, blobs are read from and put in the shared tier.
+	Cluster *cluster.Cluster
 }
 
 // upstreamState is one upstream registry as a source of repositories.
@@ -137,7 +143,11 @@ type Server struct {
 	auth            *auth.Authenticator
 	// internalSecret authorizes the internal listener's requests (sync).
 	internalSecret string
-	now            func() time.Time
+	// shared is the store's shared tier of blobs (nil without one);
+	// cluster, the other replicas (nil for a single node).
+	shared  cache.SharedBlobs
+	cluster *cluster.Cluster
+	now     func() time.Time
 
 	// flight coalesces manifest, tag and referrer fetches; fills
 	// coalesces blobs.
@@ -217,6 +227,8 @@ func New(o Options) (*Server, error) {
 		}),
 	}
 	s.hosted = &hostedSource{s: s}
+	s.shared, _ = o.Store.(cache.SharedBlobs)
+	s.cluster = o.Cluster
 	if o.Auth != nil {
 		o.Auth.SetCanonical(s.CanonicalNames)
 	}
@@ -370,7 +382,16 @@ func (s *Server) handle(op string, h handlerFunc) http.Handler {
 		if vars := mux.Vars(r); vars["name"] != "" {
 			err = s.resolve(r, q, vars["name"])
 		}
-		if err == nil && op != "token" {
+		if err == nil && op == "blob" && s.cluster != nil {
+			// Another replica asking for a blob as its owner: the
+			// cluster secret stands for the client's credentials,
+			// checked by that replica.
+			q.peer, q.fromPeer, err = s.cluster.Peer(r)
+			if err != nil {
+				err = &Error{Code: CodeUnauthorized, Message: "wrong cluster secret", Err: err}
+			}
+		}
+		if err == nil && op != "token" && !q.fromPeer {
 			err = s.authorize(r, q)
 		}
 		if err == nil {

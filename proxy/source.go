@@ -85,6 +85,9 @@ func (h *hostedSource) tag(ctx context.Context, q *request, _ bool) (cache.TagEn
 
 func (h *hostedSource) blob(w http.ResponseWriter, r *http.Request, q *request) error {
 	info, err := h.s.heldBlob(r.Context(), q)
+	if errors.Is(err, cache.ErrNotFound) && h.s.shared != nil {
+		info, err = h.s.hydrate(r.Context(), q)
+	}
 	if errors.Is(err, cache.ErrNotFound) {
 		return ErrBlobUnknown(map[string]string{"digest": q.dgst.String()})
 	}

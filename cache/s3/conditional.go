@@ -55,7 +55,7 @@ func (s *Store) Get(ctx context.Context, key string) (data []byte, etag string, 
 	if err := checkKey(key); err != nil {
 		return nil, "", err
 	}
-	data, info, err := s.get(ctx, key)
+	data, info, err := s.get(ctx, s.prefix+key)
 	if err != nil {
 		return nil, "", err
 	}
@@ -93,7 +93,58 @@ func (s *Store) DeleteKey(ctx context.Context, key string) error {
 	if err := checkKey(key); err != nil {
 		return err
 	}
+	key = s.prefix + key
 	return s.wrap(s.client.RemoveObject(ctx, s.bucket, key, minio.RemoveObjectOptions{}), key)
+}
+
+// PutKey writes key whatever is there: the last writer wins.
+func (s *Store) PutKey(ctx context.Context, key string, data []byte) (etag string, err error) {
+	return s.putKey(ctx, key, data, minio.PutObjectOptions{DisableMultipart: true})
+}
+
+// StatKey returns the size of the object key, or cache.ErrNotFound.
+func (s *Store) StatKey(ctx context.Context, key string) (int64, error) {
+	if err := checkKey(key); err != nil {
+		return 0, err
+	}
+	key = s.prefix + key
+	info, err := s.client.StatObject(ctx, s.bucket, key, minio.StatObjectOptions{})
+	if err != nil {
+		return 0, s.wrap(err, key)
+	}
+	return info.Size, nil
+}
+
+// Object is a key and its size, as List gives them.
+type Object struct {
+	Key  string // relative to the view's prefix and the listed prefix
+	Size int64
+}
+
+// ErrTooMany is returned by List when more than max objects match.
+var ErrTooMany = errors.New("s3: more objects than the limit")
+
+// List returns the objects whose keys start with prefix, ordered by key,
+// with prefix cut from their names. More than max of them is ErrTooMany:
+// a listing is bounded by construction.
+func (s *Store) List(ctx context.Context, prefix string, max int) ([]Object, error) {
+	if err := checkKey(prefix); err != nil {
+		return nil, err
+	}
+	full := s.prefix + prefix
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var out []Object
+	for o := range s.client.ListObjects(ctx, s.bucket, minio.ListObjectsOptions{Prefix: full, Recursive: true}) {
+		if o.Err != nil {
+			return nil, s.wrap(o.Err, full)
+		}
+		if len(out) == max {
+			return nil, fmt.Errorf("s3: %s: %w (%d)", full, ErrTooMany, max)
+		}
+		out = append(out, Object{Key: strings.TrimPrefix(o.Key, full), Size: o.Size})
+	}
+	return out, nil
 }
 
 var errNoSuchKey = errors.New("no such key")
@@ -106,6 +157,7 @@ func (s *Store) putKey(ctx context.Context, key string, data []byte, opts minio.
 		return "", fmt.Errorf("s3: key %q: %d bytes, more than %d", key, len(data), maxManifest)
 	}
 	opts.ContentType = "application/octet-stream"
+	key = s.prefix + key
 	info, err := s.client.PutObject(ctx, s.bucket, key, bytes.NewReader(data), int64(len(data)), opts)
 	if errorCode(err) == minio.NoSuchKey {
 		// AWS answers If-Match on an absent key with 404.

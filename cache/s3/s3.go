@@ -69,6 +69,16 @@ const maxManifest = 4 << 20
 type Store struct {
 	client *minio.Client
 	bucket string
+	// prefix is prepended to every key (Sub).
+	prefix string
+}
+
+// Sub returns a view of the store whose keys all live under prefix
+// ("hosted/"): content by digest, keyed objects and lists alike.
+func (s *Store) Sub(prefix string) *Store {
+	c := *s
+	c.prefix += prefix
+	return &c
 }
 
 // New connects to the bucket cfg names. It makes no request: Ping does.
@@ -158,17 +168,17 @@ func (s *Store) Ping(ctx context.Context) error {
 	return nil
 }
 
-func digestKey(prefix string, d digest.Digest) (string, error) {
+func (s *Store) digestKey(kind string, d digest.Digest) (string, error) {
 	if err := d.Validate(); err != nil {
 		return "", fmt.Errorf("s3: digest %q: %w", d, err)
 	}
 	hex := d.Encoded()
-	return prefix + "/" + d.Algorithm().String() + "/" + hex[:2] + "/" + hex, nil
+	return s.prefix + kind + "/" + d.Algorithm().String() + "/" + hex[:2] + "/" + hex, nil
 }
 
 // Stat returns the size of the blob d, or cache.ErrNotFound.
 func (s *Store) Stat(ctx context.Context, d digest.Digest) (int64, error) {
-	key, err := digestKey("blobs", d)
+	key, err := s.digestKey("blobs", d)
 	if err != nil {
 		return 0, err
 	}
@@ -182,7 +192,7 @@ func (s *Store) Stat(ctx context.Context, d digest.Digest) (int64, error) {
 // Open reads the blob d from offset on, with one ranged GET. An offset at
 // the blob's end gives an empty reader; past it, an error.
 func (s *Store) Open(ctx context.Context, d digest.Digest, offset int64) (io.ReadCloser, error) {
-	key, err := digestKey("blobs", d)
+	key, err := s.digestKey("blobs", d)
 	if err != nil {
 		return nil, err
 	}
@@ -221,7 +231,7 @@ func (s *Store) Open(ctx context.Context, d digest.Digest, offset int64) (io.Rea
 // and r is not read. At most partSize bytes go in one PUT; more go up as a
 // multipart upload, aborted by its ID if it fails.
 func (s *Store) Put(ctx context.Context, d digest.Digest, size int64, r io.Reader) error {
-	key, err := digestKey("blobs", d)
+	key, err := s.digestKey("blobs", d)
 	if err != nil {
 		return err
 	}
@@ -249,7 +259,7 @@ func (s *Store) Put(ctx context.Context, d digest.Digest, size int64, r io.Reade
 // Delete removes the blob d. Deleting an absent blob is not an error (S3
 // answers 204 either way).
 func (s *Store) Delete(ctx context.Context, d digest.Digest) error {
-	key, err := digestKey("blobs", d)
+	key, err := s.digestKey("blobs", d)
 	if err != nil {
 		return err
 	}
@@ -260,7 +270,7 @@ func (s *Store) Delete(ctx context.Context, d digest.Digest) error {
 // the object's Content-Type. It checks the digest itself: the bytes are
 // at hand.
 func (s *Store) PutManifest(ctx context.Context, d digest.Digest, mediaType string, data []byte) error {
-	key, err := digestKey("manifests", d)
+	key, err := s.digestKey("manifests", d)
 	if err != nil {
 		return err
 	}
@@ -283,7 +293,7 @@ func (s *Store) PutManifest(ctx context.Context, d digest.Digest, mediaType stri
 // GetManifest returns the manifest d and its media type, or
 // cache.ErrNotFound.
 func (s *Store) GetManifest(ctx context.Context, d digest.Digest) (data []byte, mediaType string, err error) {
-	key, err := digestKey("manifests", d)
+	key, err := s.digestKey("manifests", d)
 	if err != nil {
 		return nil, "", err
 	}
@@ -299,7 +309,7 @@ func (s *Store) GetManifest(ctx context.Context, d digest.Digest) (data []byte, 
 
 // DeleteManifest removes the manifest d; an absent one is not an error.
 func (s *Store) DeleteManifest(ctx context.Context, d digest.Digest) error {
-	key, err := digestKey("manifests", d)
+	key, err := s.digestKey("manifests", d)
 	if err != nil {
 		return err
 	}

@@ -28,6 +28,9 @@ import (
 	"github.com/ocimirror/ocimirror/auth"
 	"github.com/ocimirror/ocimirror/bundle"
 	"github.com/ocimirror/ocimirror/cache"
+	"github.com/ocimirror/ocimirror/cache/s3"
+	"github.com/ocimirror/ocimirror/cache/tiered"
+	"github.com/ocimirror/ocimirror/cluster"
 	"github.com/ocimirror/ocimirror/config"
 	"github.com/ocimirror/ocimirror/proxy"
 	"github.com/ocimirror/ocimirror/upstream"
@@ -58,6 +61,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		adminAddr  = fs.String("admin-listen", "", "`address` of the admin listener (health, readiness, metrics, admin commands), or off (default \"127.0.0.1:5001\")")
 		ups        upstreamFlags
 		hosted     listFlag
+		self       = fs.String("cluster-self", "", "this replica's registry `URL` as the other replicas reach it (cluster.self), e.g. http://$(POD_IP):5000")
 	)
 	fs.Var(&hosted, "hosted", "serve repositories under `PREFIX` (such as ci/) as ocimirror's own, with pushes (repeatable)")
 	fs.Var(&ups, "upstream", "add or replace an upstream as `NAME=URL` (repeatable), e.g. 127.0.0.1:5002=http://127.0.0.1:5002")
@@ -69,6 +73,14 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		return code
 	}
 	cfg, err := loadConfig(*configFile, *listen, *data, *defaultUp, *logFormat, *logLevel, ups)
+	if err == nil && *self != "" {
+		if cfg.Cluster == nil {
+			err = fmt.Errorf("--cluster-self: the configuration has no cluster section")
+		} else {
+			cfg.Cluster.Self = *self
+			err = cfg.Validate()
+		}
+	}
 	if err == nil && (len(hosted) > 0 || *readOnly || *maxSize != "" || *offline || *adminAddr != "") {
 		cfg.Hosted = append(cfg.Hosted, hosted...)
 		cfg.ReadOnly = cfg.ReadOnly || *readOnly
@@ -174,10 +186,36 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 			logger.Error("closing the store", "err", err)
 		}
 	}()
-	store := cache.NewLRU(badger, cache.LRUOptions{
+	lru := cache.NewLRU(badger, cache.LRUOptions{
 		ManifestBytes: cfg.Cache.ManifestBytes.Bytes, MetadataBytes: cfg.Cache.MetadataBytes.Bytes,
 		ManifestEntries: cfg.Cache.ManifestEntries, MetadataEntries: cfg.Cache.MetadataEntries,
 	})
+	var store cache.Store = lru
+	var shared *tiered.Store
+	if c := cfg.Storage.S3; c != nil {
+		tls := c.TLS == nil || *c.TLS
+		bucket, err := s3.New(s3.Config{Endpoint: c.Endpoint, Bucket: c.Bucket, Region: c.Region,
+			AccessKeyFile: config.ExpandHome(c.AccessKeyFile), SecretKeyFile: config.ExpandHome(c.SecretKeyFile), PathStyle: c.PathStyle, TLS: tls})
+		if err != nil {
+			return err
+		}
+		shared = tiered.New(ctx, lru, bucket, logger)
+		store = shared
+		if err := shared.Ping(ctx); err != nil {
+			logger.Warn("shared tier: the bucket does not answer yet; serving from the local tier", "err", err)
+		}
+	}
+	var members *cluster.Cluster
+	if c := cfg.Cluster; c != nil {
+		secret, err := c.Secret(logger)
+		if err != nil {
+			return err
+		}
+		if members, err = cluster.New(ctx, cluster.Options{Self: c.Self, Peers: c.Peers, Secret: secret, Refresh: c.Refresh.Duration, Logger: logger}); err != nil {
+			return err
+		}
+		defer members.Close()
+	}
 
 	var ups []proxy.Upstream
 	clients := map[string]*upstream.Client{}
@@ -219,7 +257,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		Hosted: cfg.Hosted, ReadOnly: cfg.ReadOnly, Pins: cfg.Storage.Pin, Sync: syncs,
 		MaxUploads: cfg.Uploads.Max, MaxUploadsPerClient: cfg.Uploads.PerClient, UploadIdle: cfg.Uploads.Idle.Duration,
 		TagListBytes: cfg.Cache.TagListBytes.Bytes, Auth: authn,
-		Logger: logger, TracerProvider: tp, MeterProvider: tel.provider,
+		Logger: logger, TracerProvider: tp, MeterProvider: tel.provider, Cluster: members,
 	})
 	if err != nil {
 		return err
@@ -259,7 +297,7 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		}
 		sort.Strings(upstreams)
 		importBundle := func(ctx context.Context, r io.Reader, repository string) (*bundle.ImportResult, error) {
-			res, err := bundle.Import(ctx, r, store, bundle.ImportOptions{Repository: repository, Upstreams: upstreams})
+			res, err := bundle.Import(ctx, r, lru, bundle.ImportOptions{Repository: repository, Upstreams: upstreams})
 			if err != nil {
 				logger.Warn("bundle import refused", "err", err)
 			} else {
@@ -267,14 +305,21 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 			}
 			return res, err
 		}
+		ao := admin.Options{Ping: badger.Ping, Upstreams: clients, Offline: cfg.Offline, Import: importBundle, Metrics: tel.handler,
+			Stats: func(ctx context.Context) (admin.StoreStats, error) {
+				return storeStats(ctx, badger, srv, cfg.Storage.MaxSize.Bytes)
+			},
+			Purge: func(ctx context.Context, ref string) (admin.PurgeResult, error) { return purge(ctx, srv, ref) },
+			Pins:  func(ctx context.Context) ([]admin.Pin, error) { return pins(ctx, srv) },
+		}
+		if shared != nil {
+			ao.Shared = shared.Ping
+		}
+		if members != nil {
+			ao.Members = members.Members
+		}
 		as = &http.Server{
-			Handler: admin.Handler(admin.Options{Ping: badger.Ping, Upstreams: clients, Offline: cfg.Offline, Import: importBundle, Metrics: tel.handler,
-				Stats: func(ctx context.Context) (admin.StoreStats, error) {
-					return storeStats(ctx, badger, srv, cfg.Storage.MaxSize.Bytes)
-				},
-				Purge: func(ctx context.Context, ref string) (admin.PurgeResult, error) { return purge(ctx, srv, ref) },
-				Pins:  func(ctx context.Context) ([]admin.Pin, error) { return pins(ctx, srv) },
-			}),
+			Handler:           admin.Handler(ao),
 			ReadHeaderTimeout: 10 * time.Second,
 			ErrorLog:          log.New(slogWriter{logger}, "", 0),
 		}
