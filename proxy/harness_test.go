@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -22,6 +23,9 @@ import (
 
 	"github.com/ocimirror/ocimirror/auth"
 	"github.com/ocimirror/ocimirror/cache"
+	"github.com/ocimirror/ocimirror/cache/s3"
+	"github.com/ocimirror/ocimirror/cache/tiered"
+	"github.com/ocimirror/ocimirror/cluster"
 	"github.com/ocimirror/ocimirror/internal/registrytest"
 	"github.com/ocimirror/ocimirror/proxy"
 	"github.com/ocimirror/ocimirror/upstream"
@@ -85,6 +89,14 @@ type env struct {
 	budget     cache.Budget
 	pins       []string
 	sync       []proxy.SyncRule
+	// bucket is the shared tier (withShared); addr, self, peers and
+	// secret make the server a cluster replica (withCluster).
+	bucket  *s3.Store
+	addr    string
+	peers   []string
+	secret  string
+	tiered  *tiered.Store
+	members *cluster.Cluster
 
 	badger  *cache.Badger
 	store   cache.Store
@@ -113,6 +125,13 @@ func withSync(rules ...proxy.SyncRule) option             { return func(e *env) 
 func withPins(refs ...string) option                      { return func(e *env) { e.pins = refs } }
 func withMeter(mp metric.MeterProvider) option            { return func(e *env) { e.meter = mp } }
 func withAuth(a *auth.Authenticator) option               { return func(e *env) { e.auth = a } }
+func withShared(b *s3.Store) option                       { return func(e *env) { e.bucket = b } }
+
+// withCluster makes the server the replica at addr of a cluster of peers
+// (addresses), all with the same secret.
+func withCluster(addr string, peers []string, secret string) option {
+	return func(e *env) { e.addr, e.peers, e.secret = addr, peers, secret }
+}
 func withTracer(tp trace.TracerProvider) option {
 	return func(e *env) { e.tracer = tp }
 }
@@ -149,7 +168,23 @@ func (e *env) open() {
 	if lruBytes == 0 {
 		lruBytes = 1 << 20
 	}
-	e.store = cache.NewLRU(e.badger, cache.LRUOptions{ManifestBytes: lruBytes, MetadataBytes: lruBytes})
+	lru := cache.NewLRU(e.badger, cache.LRUOptions{ManifestBytes: lruBytes, MetadataBytes: lruBytes})
+	e.store = lru
+	if e.bucket != nil {
+		e.tiered = tiered.New(context.Background(), lru, e.bucket, testLogger(t))
+		e.store = e.tiered
+	}
+	e.members = nil
+	if e.addr != "" {
+		peers := make([]string, len(e.peers))
+		for i, p := range e.peers {
+			peers[i] = "http://" + p
+		}
+		e.members, err = cluster.New(context.Background(), cluster.Options{Self: "http://" + e.addr, Peers: peers, Secret: e.secret, Logger: testLogger(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
 	if e.wrapStore != nil {
 		e.store = e.wrapStore(e.store)
 	}
@@ -176,7 +211,7 @@ func (e *env) open() {
 	e.srv, err = proxy.New(proxy.Options{Store: e.store, Upstreams: ups, DefaultUpstream: e.defaultName,
 		Hosted: e.hosted, ReadOnly: e.readOnly, MaxUploads: e.maxUploads, MaxUploadsPerClient: e.perClient,
 		UploadIdle: e.uploadIdle, BodyIdle: e.bodyIdle, Pins: e.pins, Sync: e.sync,
-		Logger: testLogger(t), Clock: e.clock.Now, TracerProvider: e.tracer, MeterProvider: e.meter, Auth: e.auth})
+		Logger: testLogger(t), Clock: e.clock.Now, TracerProvider: e.tracer, MeterProvider: e.meter, Auth: e.auth, Cluster: e.members})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -187,6 +222,20 @@ func (e *env) open() {
 		e.requests.Add(1)
 		h.ServeHTTP(w, r)
 	}))
+	if e.addr != "" {
+		// A replica keeps its address across restarts: the others
+		// know it by that.
+		ln, err := net.Listen("tcp", e.addr)
+		for i := 0; err != nil && i < 50; i++ {
+			time.Sleep(20 * time.Millisecond) // the last close may linger
+			ln, err = net.Listen("tcp", e.addr)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.ts.Listener.Close()
+		e.ts.Listener = ln
+	}
 	e.ts.Listener = proxy.OCIErrorListener(e.ts.Listener)
 	e.ts.Start()
 }
@@ -203,6 +252,9 @@ func (e *env) close() {
 	}
 	if err := e.badger.Close(); err != nil {
 		e.t.Errorf("close store: %v", err)
+	}
+	if e.members != nil {
+		e.members.Close()
 	}
 	e.ts = nil
 }

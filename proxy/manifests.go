@@ -434,7 +434,7 @@ var revalidateWait = 5 * time.Second
 var errTagGone = errors.New("tag not found upstream")
 
 // revalidateTag asks the upstream what a tag points at (a HEAD; a GET for
-// a tag never seen by a GET), unless a fresh pending digest says already,
+// a tag never seen by a GET, without a shared tier), unless a fresh pending digest says already,
 // and moves the tag once that manifest is held.
 func (u *upstreamState) revalidateTag(ctx context.Context, key cache.TagKey, old cache.TagEntry, found, fresh, head bool) (tagResult, error) {
 	s := u.s
@@ -447,7 +447,10 @@ func (u *upstreamState) revalidateTag(ctx context.Context, key cache.TagKey, old
 	switch {
 	case fresh:
 		d, mt, size = old.Pending, old.PendingType, old.PendingSize
-	case good || head || found:
+	case good || head || found || s.shared != nil:
+		// A HEAD first; also for a tag never seen when a shared tier
+		// may hold its manifest: a replica with an empty disk GETs
+		// nothing the cluster has.
 		resp, err := u.client.Manifest(ctx, http.MethodHead, key.Repo, key.Tag)
 		if err != nil {
 			return tagResult{}, tagError(err)

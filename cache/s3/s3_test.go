@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -353,6 +354,53 @@ func TestSeaweedFS(t *testing.T) {
 			if got := readBlob(t, s, d, 0); digest.FromBytes(got) != d {
 				t.Errorf("after 4 concurrent Puts: %d bytes of %s, want %d of %s", len(got), digest.FromBytes(got), size, d)
 			}
+		}
+	})
+
+	// Sub views keep to their prefix; List gives keys under a prefix,
+	// with sizes, bounded.
+	t.Run("SubAndList", func(t *testing.T) {
+		a, b := s.Sub("a/"), s.Sub("b/")
+		blob, d := randomBlob(t, 100)
+		if err := a.Put(ctx, d, 100, bytes.NewReader(blob)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := b.Stat(ctx, d); !errors.Is(err, cache.ErrNotFound) {
+			t.Errorf("blob put through a/ is seen through b/: %v", err)
+		}
+		if n, err := a.Stat(ctx, d); err != nil || n != 100 {
+			t.Errorf("a/ Stat = %d, %v", n, err)
+		}
+		for _, k := range []string{"tags/x/_t/v1", "tags/x/_t/v2", "tags/x/y/_t/v9"} {
+			if _, err := a.PutKey(ctx, k, []byte(k)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := a.PutKey(ctx, "tags/x/_t/gone", nil); err != nil {
+			t.Fatal(err)
+		}
+		objs, err := a.List(ctx, "tags/x/_t/", 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := []Object{{"gone", 0}, {"v1", 12}, {"v2", 12}}
+		if fmt.Sprint(objs) != fmt.Sprint(want) {
+			t.Errorf("List = %v, want %v", objs, want)
+		}
+		if _, err := a.List(ctx, "tags/x/", 3); !errors.Is(err, ErrTooMany) {
+			t.Errorf("List of 4 with max 3: %v, want ErrTooMany", err)
+		}
+		if objs, err := b.List(ctx, "tags/", 10); err != nil || len(objs) != 0 {
+			t.Errorf("b/ List = %v, %v; want nothing", objs, err)
+		}
+		if n, err := a.StatKey(ctx, "tags/x/_t/v1"); err != nil || n != 12 {
+			t.Errorf("StatKey = %d, %v", n, err)
+		}
+		if _, err := b.StatKey(ctx, "tags/x/_t/v1"); !errors.Is(err, cache.ErrNotFound) {
+			t.Errorf("b/ StatKey: %v, want ErrNotFound", err)
+		}
+		if _, err := a.List(ctx, "blobs/", 10); err == nil {
+			t.Error("List of blobs/: no error")
 		}
 	})
 }
