@@ -148,6 +148,37 @@ func TestCluster(t *testing.T) {
 		}
 	})
 
+	// The owner dies mid-fill (its connections cut, as kill -9 does):
+	// the other replicas' clients complete with the right bytes, the
+	// replica ranked next resuming from the upstream where the owner
+	// left off. At most one upstream GET more.
+	t.Run("OwnerKilledMidFill", func(t *testing.T) {
+		rs := startReplicas(t, w, 3, registrytest.WithMiddleware(slowBlobs))
+		data := registrytest.RandomBytes(16 << 20)
+		d := rs.reg.PushBlob(t, "team/app", data)
+		rank := rs.rank(d)
+		rs.reg.ResetCounts()
+		var wg sync.WaitGroup
+		res := make([]response, 6)
+		for i := range res {
+			wg.Go(func() { res[i] = rs.envs[rank[1+i%2]].get("/v2/team/app/blobs/" + d.String()) })
+		}
+		owner := rs.envs[rank[0]]
+		waitFor(t, "the owner's fill", func() bool { return rs.reg.Count(http.MethodGet, "blobs") > 0 })
+		time.Sleep(300 * time.Millisecond)
+		owner.ts.Listener.Close()
+		owner.ts.CloseClientConnections()
+		wg.Wait()
+		for i, r := range res {
+			if r.status != 200 || r.err != nil || digest.FromBytes(r.body) != d {
+				t.Fatalf("client %d (replica %d): %d, %d bytes of %s, %v", i, rank[1+i%2], r.status, len(r.body), digest.FromBytes(r.body), r.err)
+			}
+		}
+		if n := rs.reg.Count(http.MethodGet, "blobs"); n < 1 || n > 2 {
+			t.Errorf("upstream blob GETs = %d, want 1 or 2", n)
+		}
+	})
+
 	// A replica whose local tier is empty serves from the shared tier:
 	// no upstream GET of a manifest or blob by digest.
 	t.Run("EmptyLocalDisks", func(t *testing.T) {
@@ -263,4 +294,32 @@ func TestCluster(t *testing.T) {
 			t.Error("a push the bucket did not take is tagged locally")
 		}
 	})
+}
+
+// slowBlobs sends blob bodies at about 16 MiB/s, so that a fill of a few
+// MiB is still running when a test acts on it.
+func slowBlobs(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/sha256:") {
+			w = &slowWriter{ResponseWriter: w}
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+type slowWriter struct{ http.ResponseWriter }
+
+func (s *slowWriter) Write(p []byte) (int, error) {
+	n := 0
+	for len(p) > 0 {
+		k := min(len(p), 256<<10)
+		m, err := s.ResponseWriter.Write(p[:k])
+		n += m
+		if err != nil {
+			return n, err
+		}
+		p = p[k:]
+		time.Sleep(16 * time.Millisecond)
+	}
+	return n, nil
 }
