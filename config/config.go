@@ -924,6 +924,11 @@ func (c *Config) validateScaleOut() error {
 	if cl.SecretFile == "" {
 		return errors.New("cluster.secretFile: must not be empty")
 	}
+	if c.Auth != nil && c.Auth.SigningKey == "" {
+		// Each replica would make a key of its own: a token one signs,
+		// the others refuse.
+		return errors.New("auth.signingKey: a cluster's replicas must share the key that signs tokens: set it to one file they all mount")
+	}
 	if err := cl.Refresh.parse("cluster.refresh"); err != nil {
 		return err
 	}

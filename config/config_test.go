@@ -117,6 +117,8 @@ func TestParse_UpstreamListReplacesDefaults(t *testing.T) {
 	}
 }
 
+const s3yaml = "storage:\n  s3:\n    endpoint: http://127.0.0.1:8333\n    bucket: b\n"
+
 func TestParse_Errors(t *testing.T) {
 	tests := []struct {
 		name, yaml string
@@ -169,6 +171,15 @@ func TestParse_Errors(t *testing.T) {
 		{"bad glob", "auth:\n  htpasswd: /h\naccess:\n  - repositories: [\"a/[\"]\n    users: [\"*\"]\n    actions: [pull]\n", []string{"access[0].repositories[0]", `"a/["`}},
 		{"rule for nobody", "auth:\n  htpasswd: /h\naccess:\n  - repositories: [\"a/**\"]\n    actions: [pull]\n", []string{"access[0]", "nobody"}},
 		{"rule without repositories", "auth:\n  htpasswd: /h\naccess:\n  - users: [\"*\"]\n    actions: [pull]\n", []string{"access[0].repositories"}},
+		{"s3 without bucket", "storage:\n  s3:\n    endpoint: 127.0.0.1:8333\n", []string{"storage.s3.bucket"}},
+		{"s3 bad endpoint", "storage:\n  s3:\n    endpoint: ftp://x:1\n    bucket: b\n", []string{"storage.s3.endpoint", `"ftp://x:1"`}},
+		{"s3 half credentials", "storage:\n  s3:\n    endpoint: x:1\n    bucket: b\n    accessKeyFile: /a\n", []string{"storage.s3.accessKeyFile", `"/a"`}},
+		{"cluster without s3", "cluster:\n  self: http://a:1\n  peers: [http://a:1]\n  secretFile: /s\n", []string{"cluster", "storage.s3"}},
+		{"cluster bad self", s3yaml + "cluster:\n  self: a:1\n  peers: [http://a:1]\n  secretFile: /s\n", []string{"cluster.self", `"a:1"`}},
+		{"cluster bad peer", s3yaml + "cluster:\n  self: http://a:1\n  peers: [http://a:1, \"http://b:1/v2\"]\n  secretFile: /s\n", []string{"cluster.peers[1]", `"http://b:1/v2"`}},
+		{"cluster dns peer without port", s3yaml + "cluster:\n  self: http://a:1\n  peers: [\"dns+http://peers\"]\n  secretFile: /s\n", []string{"cluster.peers[0]", `"dns+http://peers"`}},
+		{"cluster without secret", s3yaml + "cluster:\n  self: http://a:1\n  peers: [http://a:1]\n", []string{"cluster.secretFile"}},
+		{"cluster with auth, no signing key", s3yaml + "auth:\n  htpasswd: /h\ncluster:\n  self: http://a:1\n  peers: [http://a:1]\n  secretFile: /s\n", []string{"auth.signingKey"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -322,5 +333,20 @@ access:
 	}
 	if c, err := Parse(nil); err != nil || c.Auth != nil {
 		t.Fatalf("no auth section: %+v %v", c.Auth, err)
+	}
+}
+
+func TestParse_ScaleOut(t *testing.T) {
+	c, err := Parse([]byte(s3yaml + "    pathStyle: true\n    tls: false\ncluster:\n  self: http://10.0.0.1:5000\n  peers: [\"dns+http://peers.ns.svc:5000\", http://10.0.0.2:5000]\n  secretFile: /run/secret\n  refresh: 30s\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := c.Storage.S3
+	if s == nil || s.Endpoint != "http://127.0.0.1:8333" || s.Bucket != "b" || s.Region != "us-east-1" || !s.PathStyle || s.TLS == nil || *s.TLS {
+		t.Errorf("storage.s3 = %+v", s)
+	}
+	cl := c.Cluster
+	if cl == nil || cl.Self != "http://10.0.0.1:5000" || len(cl.Peers) != 2 || cl.SecretFile != "/run/secret" || cl.Refresh.Duration != 30*time.Second {
+		t.Errorf("cluster = %+v", cl)
 	}
 }
