@@ -255,6 +255,30 @@ func TestCluster(t *testing.T) {
 			}
 		}
 
+		// An upload session opened on one replica, continued and closed
+		// through the others (a balancer without affinity).
+		data := registrytest.RandomBytes(100 << 10)
+		d := digest.FromBytes(data)
+		r = a.send(http.MethodPost, "/v2/ci/app/blobs/uploads/", nil)
+		expect(t, "POST upload via replica 1", r, 202, nil)
+		loc := r.header.Get("Location")
+		r = b.send(http.MethodPatch, loc, data[:50<<10], "Content-Type: application/octet-stream")
+		expect(t, "PATCH via replica 2", r, 202, nil)
+		if got := r.header.Get("Range"); got != "0-51199" {
+			t.Errorf("PATCH via replica 2: Range %q", got)
+		}
+		put := r.header.Get("Location")
+		if strings.Contains(put, "?") {
+			put += "&digest=" + d.String()
+		} else {
+			put += "?digest=" + d.String()
+		}
+		r = c.send(http.MethodPut, put, data[50<<10:], "Content-Type: application/octet-stream")
+		expect(t, "PUT via replica 3", r, 201, nil)
+		for i, e := range rs.envs {
+			expect(t, fmt.Sprint("chunked blob via replica ", i), e.get("/v2/ci/app/blobs/"+d.String()), 200, data)
+		}
+
 		// A manifest deleted through one replica is gone through all,
 		// with its tag.
 		expect(t, "delete via replica 3", c.do(http.MethodDelete, "/v2/ci/app/manifests/"+img.digest.String()), 202, nil)

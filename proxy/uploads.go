@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"hash"
 	"io"
@@ -188,7 +187,7 @@ func (s *Server) newUpload(r *http.Request, q *request) (*upload, error) {
 	}
 	id := make([]byte, 16)
 	_, _ = rand.Read(id)
-	x := &upload{id: hex.EncodeToString(id), src: q.src, repo: q.repo, client: clientAddr(r), w: w, h: sha256.New(), used: time.Now()}
+	x := &upload{id: s.uploadID(id), src: q.src, repo: q.repo, client: clientAddr(r), w: w, h: sha256.New(), used: time.Now()}
 	if err := s.uploads.add(x); err != nil {
 		_ = w.Cancel(ctx)
 		return nil, err
