@@ -132,6 +132,10 @@ type S3 struct {
 	PathStyle bool `yaml:"pathStyle"`
 	// TLS speaks HTTPS to a host:port endpoint (true); an http:// or https:// endpoint says it itself.
 	TLS *bool `yaml:"tls"`
+	// MaxSize bounds what the bucket holds of upstream content, least recently accessed evicted first by one replica at a time; unset, no bound (hosted content is never evicted).
+	MaxSize Size `yaml:"maxSize"`
+	// GCInterval is how often the bucket is checked against MaxSize (10m).
+	GCInterval Duration `yaml:"gcInterval"`
 }
 
 // Cluster makes this process one of several replicas (README "Scale out").
@@ -888,6 +892,15 @@ func (c *Config) validateScaleOut() error {
 		}
 		if s.Region == "" {
 			s.Region = "us-east-1"
+		}
+		if err := s.MaxSize.parse("storage.s3.maxSize", 1<<60); err != nil {
+			return err
+		}
+		if err := s.GCInterval.parse("storage.s3.gcInterval"); err != nil {
+			return err
+		}
+		if d := s.GCInterval.Duration; d != 0 && d < time.Minute {
+			return fmt.Errorf("storage.s3.gcInterval: %s must be at least 1m", d)
 		}
 	}
 	cl := c.Cluster

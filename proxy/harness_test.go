@@ -171,7 +171,7 @@ func (e *env) open() {
 	lru := cache.NewLRU(e.badger, cache.LRUOptions{ManifestBytes: lruBytes, MetadataBytes: lruBytes})
 	e.store = lru
 	if e.bucket != nil {
-		e.tiered = tiered.New(context.Background(), lru, e.bucket, testLogger(t))
+		e.tiered = tiered.New(context.Background(), lru, e.bucket, tiered.Options{Self: e.addr, Logger: testLogger(t)})
 		e.store = e.tiered
 	}
 	e.members = nil
@@ -249,6 +249,9 @@ func (e *env) close() {
 	defer cancel()
 	if err := e.srv.Shutdown(ctx); err != nil {
 		e.t.Errorf("shutdown: %v", err)
+	}
+	if e.tiered != nil {
+		e.tiered.Stop() // its access marks; the store is closed below
 	}
 	if err := e.badger.Close(); err != nil {
 		e.t.Errorf("close store: %v", err)

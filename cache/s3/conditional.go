@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/minio/minio-go/v7"
+	"github.com/opencontainers/go-digest"
 )
 
 // Keyed objects are small objects under a name of the caller's choosing
@@ -117,8 +119,9 @@ func (s *Store) StatKey(ctx context.Context, key string) (int64, error) {
 
 // Object is a key and its size, as List gives them.
 type Object struct {
-	Key  string // relative to the view's prefix and the listed prefix
-	Size int64
+	Key      string // relative to the view's prefix and the listed prefix
+	Size     int64
+	Modified time.Time
 }
 
 // ErrTooMany is returned by List when more than max objects match.
@@ -131,6 +134,42 @@ func (s *Store) List(ctx context.Context, prefix string, max int) ([]Object, err
 	if err := checkKey(prefix); err != nil {
 		return nil, err
 	}
+	return s.list(ctx, prefix, max)
+}
+
+// ListContent returns the blobs (kind "blobs") or manifests ("manifests")
+// the view holds, by digest, with sizes and times; more than max is
+// ErrTooMany.
+func (s *Store) ListContent(ctx context.Context, kind string, max int) ([]Content, error) {
+	if kind != "blobs" && kind != "manifests" {
+		return nil, fmt.Errorf("s3: no content kind %q", kind)
+	}
+	objs, err := s.list(ctx, kind+"/", max)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Content, 0, len(objs))
+	for _, o := range objs {
+		// <algorithm>/<two hex>/<hex>
+		alg, rest, _ := strings.Cut(o.Key, "/")
+		_, hex, _ := strings.Cut(rest, "/")
+		d := digest.NewDigestFromEncoded(digest.Algorithm(alg), hex)
+		if d.Validate() != nil {
+			continue // not ours
+		}
+		out = append(out, Content{Digest: d, Size: o.Size, Modified: o.Modified})
+	}
+	return out, nil
+}
+
+// Content is a blob or manifest as ListContent gives it.
+type Content struct {
+	Digest   digest.Digest
+	Size     int64
+	Modified time.Time
+}
+
+func (s *Store) list(ctx context.Context, prefix string, max int) ([]Object, error) {
 	full := s.prefix + prefix
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -142,7 +181,7 @@ func (s *Store) List(ctx context.Context, prefix string, max int) ([]Object, err
 		if len(out) == max {
 			return nil, fmt.Errorf("s3: %s: %w (%d)", full, ErrTooMany, max)
 		}
-		out = append(out, Object{Key: strings.TrimPrefix(o.Key, full), Size: o.Size})
+		out = append(out, Object{Key: strings.TrimPrefix(o.Key, full), Size: o.Size, Modified: o.LastModified})
 	}
 	return out, nil
 }

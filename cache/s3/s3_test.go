@@ -383,9 +383,19 @@ func TestSeaweedFS(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		want := []Object{{"gone", 0}, {"v1", 12}, {"v2", 12}}
-		if fmt.Sprint(objs) != fmt.Sprint(want) {
-			t.Errorf("List = %v, want %v", objs, want)
+		var got []string
+		for _, o := range objs {
+			got = append(got, fmt.Sprintf("%s:%d", o.Key, o.Size))
+			if time.Since(o.Modified) > time.Minute || time.Until(o.Modified) > time.Minute {
+				t.Errorf("%s modified at %v", o.Key, o.Modified)
+			}
+		}
+		if want := "[gone:0 v1:12 v2:12]"; fmt.Sprint(got) != want {
+			t.Errorf("List = %v, want %v", got, want)
+		}
+		content, err := a.ListContent(ctx, "blobs", 10)
+		if err != nil || len(content) != 1 || content[0].Digest != d || content[0].Size != 100 {
+			t.Errorf("ListContent(blobs) = %+v, %v; want %s of 100 bytes", content, err, d)
 		}
 		if _, err := a.List(ctx, "tags/x/", 3); !errors.Is(err, ErrTooMany) {
 			t.Errorf("List of 4 with max 3: %v, want ErrTooMany", err)

@@ -69,6 +69,8 @@ type Store struct {
 	cached *s3.Store
 	hosted *s3.Store
 	log    *slog.Logger
+	opts   Options
+	gc     gcState
 	// conditional: the bucket honours If-Match (ProbeConditional).
 	conditional bool
 
@@ -82,11 +84,34 @@ var (
 	_ cache.SharedBlobs = (*Store)(nil)
 )
 
-// New puts bucket under local. It probes whether the bucket honours
-// conditional writes (hosted tag deletes use them); a bucket that does
-// not answer yet is taken to honour them.
-func New(ctx context.Context, local *cache.LRU, bucket *s3.Store, log *slog.Logger) *Store {
-	s := &Store{LRU: local, cached: bucket.Sub("cache/"), hosted: bucket.Sub("hosted/"), log: log, conditional: true}
+// Options configure a Store.
+type Options struct {
+	// Self names this replica (its URL) as the holder of the eviction lease.
+	Self string
+	// MaxSize bounds the shared tier's cached content (0: no bound).
+	MaxSize int64
+	// GCInterval is how often the lease holder evicts (DefaultGCInterval if 0).
+	GCInterval time.Duration
+	Logger     *slog.Logger
+}
+
+// DefaultGCInterval is how often the shared tier is checked against its size.
+const DefaultGCInterval = 10 * time.Minute
+
+// New puts bucket under local, and starts recording accesses and (with
+// MaxSize) evicting; Close stops both. It probes whether the bucket
+// honours conditional writes (hosted tag deletes and the eviction lease
+// use them); a bucket that does not answer yet is taken to honour them.
+func New(ctx context.Context, local *cache.LRU, bucket *s3.Store, o Options) *Store {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.GCInterval <= 0 {
+		o.GCInterval = DefaultGCInterval
+	}
+	log := o.Logger
+	s := &Store{LRU: local, cached: bucket.Sub("cache/"), hosted: bucket.Sub("hosted/"), log: log, opts: o, conditional: true}
+	defer s.startGC()
 	pctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
 	if c, err := bucket.ProbeConditional(pctx); err == nil {

@@ -199,7 +199,15 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		if err != nil {
 			return err
 		}
-		shared = tiered.New(ctx, lru, bucket, logger)
+		self := ""
+		if cfg.Cluster != nil {
+			self = cfg.Cluster.Self
+		}
+		shared = tiered.New(ctx, lru, bucket, tiered.Options{Self: self, MaxSize: c.MaxSize.Bytes, GCInterval: c.GCInterval.Duration, Logger: logger})
+		defer shared.Stop() // before the store closes (deferred above)
+		if err := tel.observeShared(shared); err != nil {
+			return err
+		}
 		store = shared
 		if err := shared.Ping(ctx); err != nil {
 			logger.Warn("shared tier: the bucket does not answer yet; serving from the local tier", "err", err)

@@ -20,6 +20,8 @@ import (
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/resource"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
+
+	"github.com/ocimirror/ocimirror/cache/tiered"
 )
 
 // telemetry is the process's metrics: one OpenTelemetry meter provider
@@ -169,4 +171,26 @@ func (t *telemetry) observePinned(pinned func(context.Context) (int64, error), l
 		mu.Unlock()
 		wg.Wait()
 	}, nil
+}
+
+// observeShared exports the shared tier's eviction figures.
+func (t *telemetry) observeShared(s *tiered.Store) error {
+	m := t.provider.Meter("github.com/ocimirror/ocimirror/cmd")
+	size, err := m.Int64ObservableGauge("ocimirror_shared_bytes", metric.WithUnit("By"),
+		metric.WithDescription("Size of the upstream content the shared tier held after its last eviction run (by the replica holding the lease; 0 elsewhere)."))
+	if err != nil {
+		return err
+	}
+	evicted, err := m.Int64ObservableCounter("ocimirror_shared_evicted_bytes_total", metric.WithUnit("By"),
+		metric.WithDescription("Bytes of upstream content this replica evicted from the shared tier (storage.s3.maxSize)."))
+	if err != nil {
+		return err
+	}
+	_, err = m.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		st := s.GCStats()
+		o.ObserveInt64(size, st.Bytes)
+		o.ObserveInt64(evicted, st.EvictedBytes)
+		return nil
+	}, size, evicted)
+	return err
 }
