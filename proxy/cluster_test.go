@@ -24,14 +24,14 @@ import (
 // replicaSet is n ocimirror replicas sharing a bucket of a real
 // SeaweedFS, in front of one upstream, with hosted ci/.
 type replicaSet struct {
-	t      *testing.T
+	t      testing.TB
 	reg    *registrytest.Registry
 	bucket *s3.Store
 	addrs  []string
 	envs   []*env
 }
 
-func freeAddrs(t *testing.T, n int) []string {
+func freeAddrs(t testing.TB, n int) []string {
 	t.Helper()
 	var out []string
 	for range n {
@@ -45,7 +45,7 @@ func freeAddrs(t *testing.T, n int) []string {
 	return out
 }
 
-func startReplicas(t *testing.T, w *weedtest.Weed, n int, opts ...registrytest.Option) *replicaSet {
+func startReplicas(t testing.TB, w *weedtest.Weed, n int, opts ...registrytest.Option) *replicaSet {
 	t.Helper()
 	// One bucket, a prefix per test: weed's first write to a new bucket
 	// waits seconds for its volumes to grow.
