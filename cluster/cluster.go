@@ -12,6 +12,7 @@ package cluster
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/subtle"
 	"errors"
 	"fmt"
@@ -37,6 +38,9 @@ const (
 	HeaderSecret = "Ocimirror-Cluster-Secret"
 	// HeaderPeer names the calling replica (its URL).
 	HeaderPeer = "Ocimirror-Cluster-Peer"
+	// HeaderInstance is the calling process's random ID: a replica that
+	// reaches itself under another name (its pod IP in DNS, say) knows.
+	HeaderInstance = "Ocimirror-Cluster-Instance"
 )
 
 // DNSScheme prefixes a peer entry that is a DNS name to re-resolve:
@@ -74,6 +78,7 @@ type Cluster struct {
 	client   *http.Client
 	log      *slog.Logger
 	members  atomic.Pointer[[]string]
+	instance string
 	stop     context.CancelFunc
 	done     sync.WaitGroup
 }
@@ -98,7 +103,7 @@ func New(ctx context.Context, o Options) (*Cluster, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cluster: self: %w", err)
 	}
-	c := &Cluster{self: self, secret: []byte(o.Secret), resolver: o.Resolver, log: o.Logger}
+	c := &Cluster{self: self, secret: []byte(o.Secret), resolver: o.Resolver, log: o.Logger, instance: rand.Text()}
 	for _, p := range o.Peers {
 		if rest, ok := strings.CutPrefix(p, DNSScheme); ok {
 			u, err := url.Parse(rest)
@@ -278,12 +283,17 @@ func (c *Cluster) Before(d digest.Digest) []string {
 	return r[:i]
 }
 
-// ErrSecret is a call with a wrong cluster secret.
-var ErrSecret = errors.New("cluster: wrong secret")
+// ErrSecret is a call with a wrong cluster secret; ErrSelf, a call from
+// this very process.
+var (
+	ErrSecret = errors.New("cluster: wrong secret")
+	ErrSelf   = errors.New("cluster: a call from this replica to itself")
+)
 
 // Peer reports whether r is a call from another replica: ok with the
 // caller's URL when it carries the secret, ErrSecret when it carries a
-// wrong one, and neither for a client's request.
+// wrong one, ErrSelf (ok) when this process called itself, and neither
+// for a client's request.
 func (c *Cluster) Peer(r *http.Request) (from string, ok bool, err error) {
 	v := r.Header.Get(HeaderSecret)
 	if v == "" {
@@ -291,6 +301,9 @@ func (c *Cluster) Peer(r *http.Request) (from string, ok bool, err error) {
 	}
 	if subtle.ConstantTimeCompare([]byte(v), c.secret) != 1 {
 		return "", false, ErrSecret
+	}
+	if r.Header.Get(HeaderInstance) == c.instance {
+		return "", true, ErrSelf
 	}
 	return r.Header.Get(HeaderPeer), true, nil
 }
@@ -304,6 +317,7 @@ func (c *Cluster) Get(ctx context.Context, peer, path string, offset int64) (*ht
 	}
 	req.Header.Set(HeaderSecret, string(c.secret))
 	req.Header.Set(HeaderPeer, c.self)
+	req.Header.Set(HeaderInstance, c.instance)
 	req.Header.Set("User-Agent", "ocimirror-peer")
 	if offset > 0 {
 		req.Header.Set("Range", "bytes="+strconv.FormatInt(offset, 10)+"-")

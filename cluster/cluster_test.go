@@ -153,7 +153,11 @@ func TestPeer_Secret(t *testing.T) {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
-	if from, ok, err := c.Peer(seen); !ok || err != nil || from != "http://127.0.0.1:5002" {
+	owner, err := New(context.Background(), Options{Self: "http://127.0.0.1:5003", Secret: "right-secret"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if from, ok, err := owner.Peer(seen); !ok || err != nil || from != "http://127.0.0.1:5002" {
 		t.Errorf("Peer = %q, %v, %v", from, ok, err)
 	}
 	if seen.Header.Get("Range") != "bytes=10-" {
@@ -166,5 +170,31 @@ func TestPeer_Secret(t *testing.T) {
 	r.Header.Set(HeaderSecret, "wrong")
 	if _, ok, err := c.Peer(r); ok || err != ErrSecret {
 		t.Errorf("a wrong secret: %v, %v", ok, err)
+	}
+}
+
+// A replica that reaches itself under another name is told so.
+func TestPeer_Self(t *testing.T) {
+	c, err := New(context.Background(), Options{Self: "http://127.0.0.1:5002", Secret: "s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seen *http.Request
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { seen = r }))
+	defer srv.Close()
+	resp, err := c.Get(context.Background(), srv.URL, "/", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if _, _, err := c.Peer(seen); err != ErrSelf {
+		t.Errorf("own call: %v, want ErrSelf", err)
+	}
+	other, err := New(context.Background(), Options{Self: "http://127.0.0.1:5002", Secret: "s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := other.Peer(seen); !ok || err != nil {
+		t.Errorf("another process with the same URL: %v, %v", ok, err)
 	}
 }

@@ -382,12 +382,15 @@ func (s *Server) handle(op string, h handlerFunc) http.Handler {
 		if vars := mux.Vars(r); vars["name"] != "" {
 			err = s.resolve(r, q, vars["name"])
 		}
-		if err == nil && op == "blob" && s.cluster != nil {
+		if err == nil && op == "blob" && s.cluster != nil && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
 			// Another replica asking for a blob as its owner: the
 			// cluster secret stands for the client's credentials,
 			// checked by that replica.
 			q.peer, q.fromPeer, err = s.cluster.Peer(r)
-			if err != nil {
+			switch {
+			case errors.Is(err, cluster.ErrSelf):
+				err = errPeerCycle // its own name: it asks the next
+			case err != nil:
 				err = &Error{Code: CodeUnauthorized, Message: "wrong cluster secret", Err: err}
 			}
 		}
