@@ -123,6 +123,21 @@ func TestCluster(t *testing.T) {
 		rs.waitShared(d)
 	})
 
+	// A call between replicas with a wrong secret is refused, before any
+	// upstream request.
+	t.Run("WrongSecret", func(t *testing.T) {
+		rs := startReplicas(t, w, 2)
+		d := rs.reg.PushBlob(t, "team/app", registrytest.RandomBytes(1000))
+		rs.reg.ResetCounts()
+		r := rs.envs[0].get("/v2/team/app/blobs/"+d.String(), cluster.HeaderSecret+": not-the-secret", cluster.HeaderPeer+": http://"+rs.addrs[1])
+		if r.status != 401 || !strings.Contains(string(r.body), `"code":"UNAUTHORIZED"`) {
+			t.Errorf("wrong secret: %d %s", r.status, r.body)
+		}
+		if n := rs.reg.Total(); n != 0 {
+			t.Errorf("upstream requests = %d, want 0", n)
+		}
+	})
+
 	// With the owner gone, the replica ranked next fills from the
 	// upstream, and the third streams from it: still one upstream GET.
 	t.Run("OwnerDown", func(t *testing.T) {
