@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"go.yaml.in/yaml/v3"
 )
 
 func TestDefault(t *testing.T) {
@@ -348,5 +350,29 @@ func TestParse_ScaleOut(t *testing.T) {
 	cl := c.Cluster
 	if cl == nil || cl.Self != "http://10.0.0.1:5000" || len(cl.Peers) != 2 || cl.SecretFile != "/run/secret" || cl.Refresh.Duration != 30*time.Second {
 		t.Errorf("cluster = %+v", cl)
+	}
+}
+
+// The Kubernetes example's configuration is one ocimirror accepts (with
+// the self that --cluster-self gives it).
+func TestParse_KubernetesExample(t *testing.T) {
+	raw, err := os.ReadFile("../deploy/kubernetes/configmap.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cm struct {
+		Data map[string]string `yaml:"data"`
+	}
+	if err := yaml.Unmarshal(raw, &cm); err != nil {
+		t.Fatal(err)
+	}
+	text := cm.Data["config.yaml"]
+	text = strings.Replace(text, "cluster:\n", "cluster:\n  self: http://10.0.0.7:5000\n", 1)
+	c, err := Parse([]byte(text))
+	if err != nil {
+		t.Fatalf("deploy/kubernetes/configmap.yaml: %v", err)
+	}
+	if c.Storage.S3 == nil || c.Cluster == nil || c.Storage.S3.MaxSize.Bytes != 2<<40 {
+		t.Errorf("storage.s3 %+v, cluster %+v", c.Storage.S3, c.Cluster)
 	}
 }
