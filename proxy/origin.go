@@ -16,6 +16,7 @@ import (
 
 	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/cluster"
+	"github.com/ocimirror/ocimirror/internal/idle"
 	"github.com/ocimirror/ocimirror/upstream"
 )
 
@@ -191,32 +192,7 @@ func (p *fillPlan) openPeer(ctx context.Context, peer string, offset, size int64
 		return fail("has %d bytes, the fill expects %d", n, size)
 	}
 	p.cancel = cancel
-	return newIdleBody(resp.Body, cancel, peerIdle), n, nil
-}
-
-// idleBody cuts a body (by its request's cancel) that sends nothing for
-// idle: a peer that hangs without closing its connection.
-type idleBody struct {
-	io.ReadCloser
-	timer *time.Timer
-	idle  time.Duration
-}
-
-func newIdleBody(body io.ReadCloser, cancel context.CancelFunc, idle time.Duration) *idleBody {
-	return &idleBody{ReadCloser: body, timer: time.AfterFunc(idle, cancel), idle: idle}
-}
-
-func (b *idleBody) Read(p []byte) (int, error) {
-	n, err := b.ReadCloser.Read(p)
-	if n > 0 {
-		b.timer.Reset(b.idle)
-	}
-	return n, err
-}
-
-func (b *idleBody) Close() error {
-	b.timer.Stop()
-	return b.ReadCloser.Close()
+	return idle.Body(resp.Body, peerIdle, cancel), n, nil
 }
 
 // setFrom records the peer a fill reads from now ("" for none).

@@ -31,6 +31,8 @@ import (
 	metricnoop "go.opentelemetry.io/otel/metric/noop"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
+
+	"github.com/ocimirror/ocimirror/internal/idle"
 )
 
 // Docker's media types, which image-spec does not define.
@@ -393,7 +395,7 @@ func (c *Client) do(ctx context.Context, r Request, u string) (*http.Response, e
 		}
 		switch code := resp.StatusCode; {
 		case code < 400:
-			resp.Body = newIdleBody(resp.Body, c.idle, cancel)
+			resp.Body = idle.Body(resp.Body, c.idle, cancel)
 			return resp, nil
 		case code == http.StatusUnauthorized && !reauthed:
 			retry, err := c.auth.handleChallenge(ctx, resp, scope)
@@ -467,34 +469,6 @@ func retryAfter(h http.Header) time.Duration {
 		return max(time.Until(t), 0)
 	}
 	return 0
-}
-
-// idleBody cancels the request when no byte arrives for the idle timeout, so
-// a stalled upstream cannot hold a fill forever.
-type idleBody struct {
-	io.ReadCloser
-	timer  *time.Timer
-	idle   time.Duration
-	cancel context.CancelFunc
-}
-
-func newIdleBody(rc io.ReadCloser, idle time.Duration, cancel context.CancelFunc) io.ReadCloser {
-	return &idleBody{ReadCloser: rc, timer: time.AfterFunc(idle, cancel), idle: idle, cancel: cancel}
-}
-
-func (b *idleBody) Read(p []byte) (int, error) {
-	n, err := b.ReadCloser.Read(p)
-	if n > 0 {
-		b.timer.Reset(b.idle)
-	}
-	return n, err
-}
-
-func (b *idleBody) Close() error {
-	b.timer.Stop()
-	err := b.ReadCloser.Close()
-	b.cancel()
-	return err
 }
 
 // Manifest fetches (GET) or checks (HEAD) a manifest by tag or digest with
