@@ -14,7 +14,7 @@ import (
 )
 
 // Keyed objects are small objects under a name of the caller's choosing
-// (hosted tags, later), written with HTTP preconditions so that two
+// (hosted tags, the eviction lease), written with HTTP preconditions so that two
 // replicas updating one key do not lose one another's write.
 //
 // A store may ignore the preconditions: then PutIfAbsent overwrites and

@@ -1,7 +1,8 @@
 // Package s3 keeps the shared tier of a cluster of ocimirror replicas in an
 // S3-compatible object store (AWS S3, SeaweedFS, MinIO, Ceph RGW): blobs
-// and manifests by digest, and small keyed objects written conditionally
-// (hosted tags, later).
+// and manifests by digest, small keyed objects written conditionally
+// (hosted tags, links, referrers, the eviction lease), and listings by
+// prefix. cache/tiered lays them out; Sub gives a view under a prefix.
 //
 // Blobs live under blobs/<algorithm>/<first two hex>/<hex>, manifests under
 // manifests/<algorithm>/<first two hex>/<hex> with their media type as the
