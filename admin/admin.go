@@ -230,7 +230,10 @@ func Handler(o Options) http.Handler {
 			// ready, like an upstream that is down (a balancer that
 			// took every replica out would serve nothing at all).
 			body.Shared = "ok"
-			if err := o.Shared(ctx); err != nil {
+			sctx, cancel := context.WithTimeout(r.Context(), pingTimeout)
+			err := o.Shared(sctx)
+			cancel()
+			if err != nil {
 				body.Status, body.Shared = "degraded", "down: "+err.Error()
 			}
 		}

@@ -194,3 +194,34 @@ func TestStatsPurgePins(t *testing.T) {
 		t.Fatalf("pins: %d %s", st, body)
 	}
 }
+
+// A shared tier that does not answer leaves the replica ready, degraded,
+// and says so; the members it sees are listed.
+func TestReadiness_SharedTier(t *testing.T) {
+	var sharedErr error
+	h := admin.Handler(admin.Options{Ping: func(context.Context) error { return nil },
+		Shared:  func(context.Context) error { return sharedErr },
+		Members: func() []string { return []string{"http://a:5000", "http://b:5000"} }})
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	get := func() (int, map[string]any) {
+		t.Helper()
+		resp, err := http.Get(srv.URL + "/readyz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var body map[string]any
+		if err := json.NewDecoder(resp.Body).Decode(&body); err != nil {
+			t.Fatal(err)
+		}
+		return resp.StatusCode, body
+	}
+	if st, body := get(); st != 200 || body["status"] != "ready" || body["shared"] != "ok" || len(body["members"].([]any)) != 2 {
+		t.Fatalf("readyz: %d %v", st, body)
+	}
+	sharedErr = errors.New("s3: dial tcp 127.0.0.1:8333: connection refused")
+	if st, body := get(); st != 200 || body["status"] != "degraded" || body["shared"] != "down: "+sharedErr.Error() {
+		t.Fatalf("readyz with the shared tier down: %d %v", st, body)
+	}
+}

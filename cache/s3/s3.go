@@ -104,6 +104,9 @@ func New(cfg Config) (*Store, error) {
 		Secure:       secure,
 		Region:       cfg.Region,
 		BucketLookup: lookup,
+		// Two retries, not ten: a store that does not answer is known
+		// within a second, and the callers have sources to go on with.
+		MaxRetries: 3,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("s3: endpoint %q: %w", cfg.Endpoint, err)

@@ -125,9 +125,16 @@ func New(ctx context.Context, local *cache.LRU, bucket *s3.Store, o Options) *St
 	return s
 }
 
-// Ping asks the bucket now, and reports whether it answers (for /readyz).
+// pingTimeout bounds Ping's request.
+const pingTimeout = 2 * time.Second
+
+// Ping reports whether the bucket answers (for /readyz): the last failure
+// while the bucket is left alone after it, else a request now.
 func (s *Store) Ping(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	if !s.up() {
+		return s.down(nil)
+	}
+	ctx, cancel := context.WithTimeout(ctx, pingTimeout)
 	defer cancel()
 	err := s.cached.Ping(ctx)
 	if err != nil {
