@@ -132,7 +132,7 @@ func newServerMetrics(m metric.Meter, s *Server) (*serverMetrics, error) {
 		return nil, err
 	}
 	inFlight, err := m.Int64ObservableGauge("ocimirror_fills_in_flight",
-		metric.WithDescription("Blob fills from an upstream running now."))
+		metric.WithDescription("Blob fills running now (from an upstream, the shared tier or a peer replica)."))
 	if err != nil {
 		return nil, err
 	}

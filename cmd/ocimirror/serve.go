@@ -205,13 +205,13 @@ func serve(ctx context.Context, cfg config.Config, logger *slog.Logger) error {
 		}
 		shared = tiered.New(ctx, lru, bucket, tiered.Options{Self: self, MaxSize: c.MaxSize.Bytes, GCInterval: c.GCInterval.Duration, Logger: logger})
 		defer shared.Stop() // before the store closes (deferred above)
-		if err := tel.observeShared(shared); err != nil {
-			return err
-		}
 		store = shared
 		if err := shared.Ping(ctx); err != nil {
 			logger.Warn("shared tier: the bucket does not answer yet; serving from the local tier", "err", err)
 		}
+	}
+	if err := tel.observeShared(shared); err != nil {
+		return err
 	}
 	var members *cluster.Cluster
 	if c := cfg.Cluster; c != nil {

@@ -173,7 +173,8 @@ func (t *telemetry) observePinned(pinned func(context.Context) (int64, error), l
 	}, nil
 }
 
-// observeShared exports the shared tier's eviction figures.
+// observeShared exports the shared tier's eviction figures (zero without
+// one: the board and the rules find the series either way).
 func (t *telemetry) observeShared(s *tiered.Store) error {
 	m := t.provider.Meter("github.com/ocimirror/ocimirror/cmd")
 	size, err := m.Int64ObservableGauge("ocimirror_shared_bytes", metric.WithUnit("By"),
@@ -187,7 +188,10 @@ func (t *telemetry) observeShared(s *tiered.Store) error {
 		return err
 	}
 	_, err = m.RegisterCallback(func(_ context.Context, o metric.Observer) error {
-		st := s.GCStats()
+		var st tiered.GCStats
+		if s != nil {
+			st = s.GCStats()
+		}
 		o.ObserveInt64(size, st.Bytes)
 		o.ObserveInt64(evicted, st.EvictedBytes)
 		return nil

@@ -678,6 +678,9 @@ var specSeries = map[string]string{
 	"ocimirror_fills_in_flight":                   "gauge",
 	"ocimirror_fill_waiters":                      "gauge",
 	"ocimirror_fills_queued":                      "gauge",
+	"ocimirror_fill_sources_total":                "counter",
+	"ocimirror_shared_bytes":                      "gauge",
+	"ocimirror_shared_evicted_bytes_total":        "counter",
 	"ocimirror_store_bytes":                       "gauge",
 	"ocimirror_store_budget_bytes":                "gauge",
 	"ocimirror_store_pinned_bytes":                "gauge",
@@ -944,6 +947,9 @@ func fakeExposition(n int) string {
 	family("ocimirror_fills_in_flight", "gauge", "ocimirror_fills_in_flight 1")
 	family("ocimirror_fill_waiters", "gauge", "ocimirror_fill_waiters 3")
 	family("ocimirror_fills_queued", "gauge", "ocimirror_fills_queued 0")
+	family("ocimirror_fill_sources_total", "counter", fmt.Sprintf(`ocimirror_fill_sources_total{source="peer"} %d`, c(2)))
+	family("ocimirror_shared_bytes", "gauge", "ocimirror_shared_bytes 0")
+	family("ocimirror_shared_evicted_bytes_total", "counter", "ocimirror_shared_evicted_bytes_total 0")
 	family("ocimirror_store_bytes", "gauge", "ocimirror_store_bytes 950")
 	family("ocimirror_store_budget_bytes", "gauge", "ocimirror_store_budget_bytes 1000")
 	family("ocimirror_store_pinned_bytes", "gauge", "ocimirror_store_pinned_bytes 900")
