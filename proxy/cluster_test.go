@@ -207,9 +207,7 @@ func TestCluster(t *testing.T) {
 			rs.waitShared(img.LayerDigests[j])
 		}
 		for _, e := range rs.envs {
-			e.close()
-			e.dir = t.TempDir()
-			e.open()
+			e.restartEmpty(t)
 		}
 		rs.reg.ResetCounts()
 		for i, e := range rs.envs {

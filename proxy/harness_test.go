@@ -262,6 +262,15 @@ func (e *env) close() {
 	e.ts = nil
 }
 
+// restartEmpty stops ocimirror and starts it again on an empty data
+// directory of tb's, which it closes before tb removes the directory.
+func (e *env) restartEmpty(tb testing.TB) {
+	e.close()
+	e.dir = tb.TempDir()
+	tb.Cleanup(e.close) // before the directory goes (cleanups run last first)
+	e.open()
+}
+
 // restart stops ocimirror and starts it again on the same data.
 func (e *env) restart() {
 	e.close()
