@@ -394,11 +394,24 @@ const DefaultTagTTL = 5 * time.Minute
 // Load reads a YAML file over the defaults. Fields the file leaves out keep
 // their default; a file that lists upstreams replaces the default list.
 func Load(path string) (Config, error) {
+	c, err := LoadUnchecked(path)
+	if err == nil {
+		err = c.Validate()
+	}
+	if err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// LoadUnchecked reads a file as Load does, without validating it: flags
+// may complete it (--cluster-self), and the caller validates after.
+func LoadUnchecked(path string) (Config, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return Config{}, fmt.Errorf("config: %w", err)
 	}
-	c, err := Parse(b)
+	c, err := parse(b)
 	if err != nil {
 		return Config{}, fmt.Errorf("config %s: %w", path, err)
 	}
@@ -407,6 +420,17 @@ func Load(path string) (Config, error) {
 
 // Parse reads YAML over the defaults and validates the result.
 func Parse(b []byte) (Config, error) {
+	c, err := parse(b)
+	if err != nil {
+		return Config{}, err
+	}
+	if err := c.Validate(); err != nil {
+		return Config{}, err
+	}
+	return c, nil
+}
+
+func parse(b []byte) (Config, error) {
 	c := Default()
 	var file Config
 	dec := yaml.NewDecoder(bytes.NewReader(b))
@@ -415,9 +439,6 @@ func Parse(b []byte) (Config, error) {
 		return Config{}, err
 	}
 	c.merge(file)
-	if err := c.Validate(); err != nil {
-		return Config{}, err
-	}
 	return c, nil
 }
 

@@ -72,15 +72,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	if code, done := parseFlags(fs, args, stdout); done {
 		return code
 	}
-	cfg, err := loadConfig(*configFile, *listen, *data, *defaultUp, *logFormat, *logLevel, ups)
-	if err == nil && *self != "" {
-		if cfg.Cluster == nil {
-			err = fmt.Errorf("--cluster-self: the configuration has no cluster section")
-		} else {
-			cfg.Cluster.Self = *self
-			err = cfg.Validate()
-		}
-	}
+	cfg, err := loadConfig(*configFile, *listen, *data, *defaultUp, *logFormat, *logLevel, *self, ups)
 	if err == nil && (len(hosted) > 0 || *readOnly || *maxSize != "" || *offline || *adminAddr != "") {
 		cfg.Hosted = append(cfg.Hosted, hosted...)
 		cfg.ReadOnly = cfg.ReadOnly || *readOnly
@@ -107,13 +99,19 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	return 0
 }
 
-func loadConfig(file, listen, data, defaultUp, logFormat, logLevel string, ups upstreamFlags) (config.Config, error) {
+func loadConfig(file, listen, data, defaultUp, logFormat, logLevel, clusterSelf string, ups upstreamFlags) (config.Config, error) {
 	cfg := config.Default()
 	if file != "" {
 		var err error
-		if cfg, err = config.Load(file); err != nil {
+		if cfg, err = config.LoadUnchecked(file); err != nil {
 			return cfg, err
 		}
+	}
+	if clusterSelf != "" {
+		if cfg.Cluster == nil {
+			return cfg, errors.New("--cluster-self: the configuration has no cluster section")
+		}
+		cfg.Cluster.Self = clusterSelf
 	}
 	if listen != "" {
 		cfg.Listen = listen
@@ -137,7 +135,13 @@ func loadConfig(file, listen, data, defaultUp, logFormat, logLevel string, ups u
 			return cfg, fmt.Errorf("--log-level: %w", err)
 		}
 	}
-	return cfg, cfg.Validate()
+	if err := cfg.Validate(); err != nil {
+		if file != "" {
+			return cfg, fmt.Errorf("config %s: %w", file, err)
+		}
+		return cfg, err
+	}
+	return cfg, nil
 }
 
 func newLogger(c config.Log, w io.Writer) *slog.Logger {

@@ -75,6 +75,12 @@ func (c *cluster) config(i int, data string) string {
 	for _, a := range c.addrs {
 		peers = append(peers, "http://"+a)
 	}
+	// Replica 3 takes its URL from --cluster-self, as a Kubernetes pod
+	// does (startReplica); the others from the file.
+	self := "\n  self: http://" + c.addrs[i]
+	if i == 2 {
+		self = ""
+	}
 	return `listen: ` + c.addrs[i] + `
 log:
   level: debug
@@ -85,8 +91,7 @@ storage:
     bucket: ` + c.weed.Bucket + `
     pathStyle: true
     tls: false
-cluster:
-  self: http://` + c.addrs[i] + `
+cluster:` + self + `
   peers: [` + strings.Join(peers, ", ") + `]
   secretFile: ` + c.secret + `
 upstreams:
@@ -104,6 +109,9 @@ func (c *cluster) startReplica(t *testing.T, i int) {
 	t.Helper()
 	dir := t.TempDir()
 	m := &mirror{config: filepath.Join(dir, "ocimirror.yaml")}
+	if i == 2 {
+		m.flags = []string{"--cluster-self", "http://" + c.addrs[i]}
+	}
 	if err := os.WriteFile(m.config, []byte(c.config(i, filepath.Join(dir, "data"))), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -268,6 +268,8 @@ type mirror struct {
 	*proc
 	host   string
 	config string
+	// flags follow serve --config FILE.
+	flags []string
 }
 
 var listenRE = regexp.MustCompile(`ocimirror listening.* addr=(\S+)`)
@@ -291,7 +293,7 @@ func startMirror(t *testing.T, yaml string) *mirror {
 
 func (m *mirror) start(t *testing.T) {
 	t.Helper()
-	m.proc = startProc(t, ocimirrorBin, nil, "serve", "--config", m.config)
+	m.proc = startProc(t, ocimirrorBin, nil, append([]string{"serve", "--config", m.config}, m.flags...)...)
 	for i := 0; i < 300; i++ {
 		if g := listenRE.FindStringSubmatch(m.log.String()); g != nil {
 			m.host = g[1]
