@@ -99,7 +99,11 @@ func (s *Store) startGC() {
 		for {
 			select {
 			case <-ctx.Done():
-				s.flushAccess(context.Background())
+				// The last marks, within a bound: shutdown does not
+				// wait on a slow bucket.
+				fctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+				s.flushAccess(fctx)
+				cancel()
 				return
 			case <-flush.C:
 				s.flushAccess(ctx)
