@@ -13,6 +13,9 @@ var (
 	// its budget is used by what cannot be evicted (data, pins, blobs
 	// being read), or the filesystem is full (ENOSPC).
 	ErrFull = errors.New("cache: store full")
+	// ErrSharedDown is returned for a write the shared tier must take (a
+	// push to a hosted repository) while it does not answer.
+	ErrSharedDown = errors.New("cache: the shared tier does not answer")
 )
 
 // ErrHosted is returned for a purge of a hosted repository: its content

@@ -324,8 +324,8 @@ func TestCluster(t *testing.T) {
 		expect(t, "hosted manifest from the local tier", a.get("/v2/ci/app/manifests/v1", "Accept: "+v1.MediaTypeImageManifest), 200, hosted.manifest)
 		expect(t, "hosted layer from the local tier", a.get("/v2/ci/app/blobs/"+hosted.layerD.String()), 200, hosted.layer)
 		r := a.send(http.MethodPut, "/v2/ci/app/manifests/v2", hosted.manifest, "Content-Type: "+v1.MediaTypeImageManifest)
-		if r.status < 500 || !strings.Contains(string(r.body), `"code":"`) {
-			t.Errorf("push with the bucket down: %d %s, want a 5xx OCI error", r.status, r.body)
+		if r.status != 503 || !strings.Contains(string(r.body), `"code":"UNAVAILABLE"`) || r.header.Get("Retry-After") == "" {
+			t.Errorf("push with the bucket down: %d %q %s, want 503 UNAVAILABLE with Retry-After", r.status, r.header.Get("Retry-After"), r.body)
 		}
 		if _, err := a.store.GetTag(context.Background(), cache.TagKey{Repo: "ci/app", Tag: "v2"}); err == nil {
 			t.Error("a push the bucket did not take is tagged locally")

@@ -539,6 +539,11 @@ func (s *Server) apiError(q *request, err error) *Error {
 			}
 		}
 		return e
+	case errors.Is(err, cache.ErrSharedDown):
+		// A push the cluster's bucket must take first: retry later.
+		s.log.Warn("shared tier down: a write refused", "err", err, "op", q.op)
+		return &Error{Code: CodeUnavailable, Status: http.StatusServiceUnavailable, Message: "the registry's shared storage does not answer; retry later",
+			Header: http.Header{"Retry-After": {"5"}}}
 	case errors.Is(err, context.DeadlineExceeded):
 		return &Error{Code: CodeUnavailable, Status: http.StatusGatewayTimeout, Message: "upstream registry timed out"}
 	case errors.Is(err, upstream.ErrUnavailable), errors.Is(err, upstream.ErrInvalidResponse),

@@ -59,9 +59,6 @@ const (
 	referrerReads = 8
 )
 
-// ErrSharedDown is returned for a write the bucket must take (a push)
-// while it does not answer.
-var ErrSharedDown = errors.New("shared tier: the bucket does not answer")
 
 // Store is a local store over a shared bucket. It is a cache.Store.
 type Store struct {
@@ -181,7 +178,10 @@ func (s *Store) down(err error) error {
 		err = s.lastErr
 		s.mu.Unlock()
 	}
-	return fmt.Errorf("%w: %w", ErrSharedDown, err)
+	if err == nil {
+		return cache.ErrSharedDown
+	}
+	return fmt.Errorf("%w: %w", cache.ErrSharedDown, err)
 }
 
 // tier is the bucket view of repository upstream: hosted/ or cache/.
