@@ -11,6 +11,7 @@ import (
 	"github.com/gorilla/mux"
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/ocimirror/ocimirror/cache"
 	"github.com/ocimirror/ocimirror/manifest"
@@ -379,6 +380,10 @@ func (s *Server) deleteContent(ctx context.Context, q *request, kind cache.LinkK
 	return nil
 }
 
+// tagDeletes bounds the tags a manifest delete checks at once in a shared
+// tier.
+const tagDeletes = 8
+
 // forgetManifest drops what points at a deleted manifest in a repository:
 // its tags and its entry in its subject's referrers.
 func (s *Server) forgetManifest(ctx context.Context, q *request, d, subject digest.Digest) error {
@@ -386,16 +391,22 @@ func (s *Server) forgetManifest(ctx context.Context, q *request, d, subject dige
 	if err != nil {
 		return err
 	}
-	cd, conditional := s.store.(cache.ConditionalTagDeleter)
-	for _, t := range tags {
-		if conditional {
-			// A shared tier lists tags by name: each is checked, and
-			// deleted only while it still points at d.
-			if err := cd.DeleteTagIf(ctx, cache.TagKey{Upstream: q.src.storeName(), Repo: q.repo, Tag: t.Name}, d); err != nil {
-				return err
-			}
-			continue
+	if cd, ok := s.store.(cache.ConditionalTagDeleter); ok {
+		// A shared tier lists tags by name: each is read, and deleted
+		// only while it still points at d; a few at a time.
+		g, gctx := errgroup.WithContext(ctx)
+		g.SetLimit(tagDeletes)
+		for _, t := range tags {
+			g.Go(func() error {
+				return cd.DeleteTagIf(gctx, cache.TagKey{Upstream: q.src.storeName(), Repo: q.repo, Tag: t.Name}, d)
+			})
 		}
+		if err := g.Wait(); err != nil {
+			return err
+		}
+		tags = nil
+	}
+	for _, t := range tags {
 		if t.Digest == d {
 			if err := s.store.DeleteTag(ctx, cache.TagKey{Upstream: q.src.storeName(), Repo: q.repo, Tag: t.Name}); err != nil {
 				return err
