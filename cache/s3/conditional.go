@@ -134,19 +134,23 @@ func (s *Store) List(ctx context.Context, prefix string, max int) ([]Object, err
 	if err := checkKey(prefix); err != nil {
 		return nil, err
 	}
-	return s.list(ctx, prefix, max)
+	objs, more, err := s.list(ctx, prefix, max)
+	if err == nil && more {
+		err = fmt.Errorf("s3: %s: %w (%d)", s.prefix+prefix, ErrTooMany, max)
+	}
+	return objs, err
 }
 
 // ListContent returns the blobs (kind "blobs") or manifests ("manifests")
-// the view holds, by digest, with sizes and times; more than max is
-// ErrTooMany.
-func (s *Store) ListContent(ctx context.Context, kind string, max int) ([]Content, error) {
+// the view holds, by digest, with sizes and times: the first max of them,
+// and whether there are more.
+func (s *Store) ListContent(ctx context.Context, kind string, max int) (_ []Content, more bool, _ error) {
 	if kind != "blobs" && kind != "manifests" {
-		return nil, fmt.Errorf("s3: no content kind %q", kind)
+		return nil, false, fmt.Errorf("s3: no content kind %q", kind)
 	}
-	objs, err := s.list(ctx, kind+"/", max)
+	objs, more, err := s.list(ctx, kind+"/", max)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	out := make([]Content, 0, len(objs))
 	for _, o := range objs {
@@ -159,7 +163,7 @@ func (s *Store) ListContent(ctx context.Context, kind string, max int) ([]Conten
 		}
 		out = append(out, Content{Digest: d, Size: o.Size, Modified: o.Modified})
 	}
-	return out, nil
+	return out, more, nil
 }
 
 // Content is a blob or manifest as ListContent gives it.
@@ -169,21 +173,23 @@ type Content struct {
 	Modified time.Time
 }
 
-func (s *Store) list(ctx context.Context, prefix string, max int) ([]Object, error) {
+// list returns the first max objects under prefix, and whether there
+// are more.
+func (s *Store) list(ctx context.Context, prefix string, max int) ([]Object, bool, error) {
 	full := s.prefix + prefix
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var out []Object
 	for o := range s.client.ListObjects(ctx, s.bucket, minio.ListObjectsOptions{Prefix: full, Recursive: true}) {
 		if o.Err != nil {
-			return nil, s.wrap(o.Err, full)
+			return nil, false, s.wrap(o.Err, full)
 		}
 		if len(out) == max {
-			return nil, fmt.Errorf("s3: %s: %w (%d)", full, ErrTooMany, max)
+			return out, true, nil
 		}
 		out = append(out, Object{Key: strings.TrimPrefix(o.Key, full), Size: o.Size, Modified: o.LastModified})
 	}
-	return out, nil
+	return out, false, nil
 }
 
 var errNoSuchKey = errors.New("no such key")

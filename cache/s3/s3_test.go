@@ -393,9 +393,12 @@ func TestSeaweedFS(t *testing.T) {
 		if want := "[gone:0 v1:12 v2:12]"; fmt.Sprint(got) != want {
 			t.Errorf("List = %v, want %v", got, want)
 		}
-		content, err := a.ListContent(ctx, "blobs", 10)
-		if err != nil || len(content) != 1 || content[0].Digest != d || content[0].Size != 100 {
-			t.Errorf("ListContent(blobs) = %+v, %v; want %s of 100 bytes", content, err, d)
+		content, more, err := a.ListContent(ctx, "blobs", 10)
+		if err != nil || more || len(content) != 1 || content[0].Digest != d || content[0].Size != 100 {
+			t.Errorf("ListContent(blobs) = %+v, %v, %v; want %s of 100 bytes", content, more, err, d)
+		}
+		if content, more, err := a.ListContent(ctx, "blobs", 0); err != nil || !more || len(content) != 0 {
+			t.Errorf("ListContent(blobs, 0) = %+v, %v, %v; want none and more", content, more, err)
 		}
 		if _, err := a.List(ctx, "tags/x/", 3); !errors.Is(err, ErrTooMany) {
 			t.Errorf("List of 4 with max 3: %v, want ErrTooMany", err)

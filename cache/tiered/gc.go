@@ -45,9 +45,11 @@ const (
 	// gcLow is the share of MaxSize an eviction frees down to.
 	gcLow = 0.9
 	// maxListed bounds the objects of each kind one GC run lists.
-	maxListed = 2_000_000
+	maxListed = 1_000_000
 	// leaseFor is how long a lease holds without renewal, in GC intervals.
 	leaseFor = 3
+	// maxForgotten bounds the marks of gone content one run deletes.
+	maxForgotten = 10_000
 	// markWrites bounds the access marks written at once.
 	markWrites = 8
 )
@@ -225,13 +227,17 @@ func (s *Store) Collect(ctx context.Context) (Collected, error) {
 		return c, err
 	}
 	c.Ran = true
-	blobs, err := s.cached.ListContent(ctx, "blobs", maxListed)
+	// Past maxListed of a kind, a run evicts among the first listed.
+	blobs, more, err := s.cached.ListContent(ctx, "blobs", maxListed)
 	if err != nil {
 		return c, err
 	}
-	manifests, err := s.cached.ListContent(ctx, "manifests", maxListed)
+	manifests, moreManifests, err := s.cached.ListContent(ctx, "manifests", maxListed)
 	if err != nil {
 		return c, err
+	}
+	if more || moreManifests {
+		s.log.Warn("shared tier: more objects than one eviction run lists; it evicts among the first", "max", maxListed)
 	}
 	marks, err := s.cached.List(ctx, "access/", maxListed)
 	if err != nil && !errors.Is(err, s3.ErrTooMany) {
@@ -272,6 +278,9 @@ func (s *Store) Collect(ctx context.Context) (Collected, error) {
 	for d, at := range access {
 		if at.After(stale) {
 			continue
+		}
+		if c.MarksForgotten == maxForgotten {
+			break // the next run goes on
 		}
 		if err := s.cached.DeleteKey(ctx, "access/"+d.String()); err != nil {
 			return c, err
