@@ -31,10 +31,19 @@ func (s *Server) manifest(w http.ResponseWriter, r *http.Request, q *request) er
 		if err != nil {
 			return err
 		}
-		if head && !held {
+		hosted, _ := q.src.(*hostedSource)
+		switch {
+		case head && !held:
 			info = manifestInfo{Manifest: cache.Manifest{Digest: e.Digest, MediaType: e.MediaType}, headSize: e.Size}
-		} else if info, err = q.src.manifest(ctx, q, e.Digest, head); err != nil {
-			return err
+		case hosted != nil && s.shared != nil:
+			// A hosted tag read from the bucket vouches for its link.
+			if info, err = hosted.tagged(ctx, q, e.Digest); err != nil {
+				return err
+			}
+		default:
+			if info, err = q.src.manifest(ctx, q, e.Digest, head); err != nil {
+				return err
+			}
 		}
 	} else {
 		var err error

@@ -62,12 +62,21 @@ func (h *hostedSource) storeName() string { return "" }
 func (h *hostedSource) logName() string   { return "hosted" }
 
 func (h *hostedSource) manifest(ctx context.Context, q *request, d digest.Digest, _ bool) (manifestInfo, error) {
-	unknown := ErrManifestUnknown(map[string]string{"name": q.name, "reference": d.String()})
 	if _, ok, err := h.s.store.Linked(ctx, q.key(), cache.LinkManifest, d); err != nil {
 		return manifestInfo{}, err
 	} else if !ok {
-		return manifestInfo{}, unknown
+		return manifestInfo{}, ErrManifestUnknown(map[string]string{"name": q.name, "reference": d.String()})
 	}
+	return h.tagged(ctx, q, d)
+}
+
+// tagged returns manifest d, which the repository's tag was just read to
+// point at. A tag is written only once its manifest is linked in its
+// repository, and a delete unlinks before it untags: the tag vouches for
+// the link, which a shared tier would otherwise read from its bucket a
+// second time.
+func (h *hostedSource) tagged(ctx context.Context, q *request, d digest.Digest) (manifestInfo, error) {
+	unknown := ErrManifestUnknown(map[string]string{"name": q.name, "reference": d.String()})
 	m, err := h.s.store.GetManifest(ctx, d)
 	if errors.Is(err, cache.ErrNotFound) {
 		return manifestInfo{}, unknown
