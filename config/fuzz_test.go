@@ -48,7 +48,7 @@ func readmeConfig(f *testing.F) []byte {
 }
 
 // fieldError is how Validate's messages start: the field, then ": ".
-var fieldError = regexp.MustCompile(`^[a-zA-Z]+(\[\d+\])?(\.[a-zA-Z]+(\[\d+\])?)*: `)
+var fieldError = regexp.MustCompile(`^[a-zA-Z][a-zA-Z0-9]*(\[\d+\])?(\.[a-zA-Z][a-zA-Z0-9]*(\[\d+\])?)*: `)
 
 func FuzzParse(f *testing.F) {
 	readme := readmeConfig(f)
