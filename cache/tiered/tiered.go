@@ -51,14 +51,15 @@ const (
 	opTimeout = 5 * time.Second
 	// downFor is how long the bucket is left alone after a failure.
 	downFor = 5 * time.Second
-	// maxTags bounds the tags of one hosted repository.
-	maxTags = 100_000
 	// maxReferrers bounds the referrers of one subject.
 	maxReferrers = 10_000
 	// referrerReads bounds the referrer descriptors read at once.
 	referrerReads = 8
 )
 
+// maxTags bounds the tags of one hosted repository listed (a variable
+// for tests).
+var maxTags = 100_000
 
 // Store is a local store over a shared bucket. It is a cache.Store.
 type Store struct {
@@ -149,9 +150,11 @@ func (s *Store) up() bool {
 }
 
 // failed reports whether err is the bucket failing (not an answer such
-// as not found), and if so leaves the bucket alone for a while.
+// as not found, or a listing over its bound), and if so leaves the
+// bucket alone for a while.
 func (s *Store) failed(err error) bool {
-	if err == nil || errors.Is(err, cache.ErrNotFound) || errors.Is(err, s3.ErrPrecondition) || errors.Is(err, context.Canceled) {
+	if err == nil || errors.Is(err, cache.ErrNotFound) || errors.Is(err, s3.ErrPrecondition) || errors.Is(err, context.Canceled) ||
+		errors.Is(err, s3.ErrTooMany) || errors.Is(err, cache.ErrCorrupt) {
 		return false
 	}
 	s.fail(err)

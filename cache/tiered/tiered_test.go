@@ -3,6 +3,7 @@ package tiered
 import (
 	"bytes"
 	"context"
+	"errors"
 	"log/slog"
 	"os"
 	"testing"
@@ -87,6 +88,19 @@ func TestTiered(t *testing.T) {
 		}
 		if _, err := a.GetTag(ctx, cache.TagKey{Repo: "ci/app", Tag: "v1"}); err == nil {
 			t.Error("a deleted tag is found")
+		}
+		// A tag list over its bound is an error of that list, not a
+		// bucket that does not answer.
+		defer func(old int) { maxTags = old }(maxTags)
+		maxTags = 1
+		if err := a.PutTag(ctx, cache.TagKey{Repo: "ci/app", Tag: "v2"}, cache.TagEntry{Digest: m1, MediaType: "x", Size: 1}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := a.ListTags(ctx, "", "ci/app"); !errors.Is(err, s3.ErrTooMany) {
+			t.Errorf("ListTags over maxTags: %v, want ErrTooMany", err)
+		}
+		if !a.up() {
+			t.Error("a tag list over its bound marked the bucket down")
 		}
 	})
 
