@@ -34,27 +34,21 @@ import (
 	"github.com/ocimirror/ocimirror/cache"
 )
 
-// Config says where the shared tier is. It becomes storage.s3 in the
-// configuration file.
+// Config says where the shared tier is: storage.s3 of the configuration
+// (config.S3), which cmd maps onto it.
 type Config struct {
 	// Endpoint is the store's host:port (s3.amazonaws.com, 127.0.0.1:8333); a URL's scheme, if given, decides TLS.
-	Endpoint string `yaml:"endpoint"`
+	Endpoint string
 	// Bucket holds everything the tier stores; it must exist.
-	Bucket string `yaml:"bucket"`
+	Bucket string
 	// Region is the bucket's region (us-east-1).
-	Region string `yaml:"region"`
+	Region string
 	// AccessKeyFile and SecretKeyFile hold the credentials; unset, the standard AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ~/.aws/credentials), else anonymous.
-	AccessKeyFile string `yaml:"accessKeyFile"`
-	SecretKeyFile string `yaml:"secretKeyFile"`
+	AccessKeyFile, SecretKeyFile string
 	// PathStyle addresses the bucket as endpoint/bucket rather than bucket.endpoint, as SeaweedFS and MinIO need.
-	PathStyle bool `yaml:"pathStyle"`
-	// TLS speaks HTTPS to the endpoint (true).
-	TLS bool `yaml:"tls"`
-}
-
-// DefaultConfig is the configuration that fields left unset keep.
-func DefaultConfig() Config {
-	return Config{Region: "us-east-1", TLS: true}
+	PathStyle bool
+	// TLS speaks HTTPS to a host:port endpoint.
+	TLS bool
 }
 
 // partSize is where Put switches from one PUT to a multipart upload, and
